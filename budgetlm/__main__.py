@@ -1,0 +1,5 @@
+import sys
+
+from budgetlm.cli import main
+
+sys.exit(main())
