@@ -1,0 +1,172 @@
+"""Parameter groups, AdamW, and the learning-rate and batch schedules as functions of progress.
+
+Schedules take budget progress in [0, 1] (from `budgetlm.budget.Clock.progress`), never a step
+count, so the decay ends exactly at the deadline whatever the throughput (Cramming, section 3).
+The loop sets the rate itself before every optimizer step:
+
+    set_lr(optimizer, lr_at(clock.progress(tokens, steps), cfg.train) * lr_scale)
+
+where `lr_scale` is the loop's own factor after NaN rollbacks (1.0 normally).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from budgetlm.config import TrainConfig
+from budgetlm.errors import UserError
+
+SCHEDULES = ("one-cycle", "linear", "wsd", "cosine", "constant")
+
+# Where the smallest batch of the ramp starts, as a fraction of the full batch (Cramming ramps
+# its batch up over the first part of the budget; we start at 1/8).
+BATCH_RAMP_START = 1 / 8
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Our own RMSNorm, torch's nn.RMSNorm/LayerNorm/GroupNorm and most third-party norms
+    # follow the naming convention; a norm's gain must not be pulled toward zero.
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed AdamW group.
+
+    Decayed: matrices (ndim >= 2) of linear/attention/MLP layers. Not decayed: 1-D parameters
+    (biases, norm gains), anything owned by a normalisation module, and embedding tables.
+
+    Embeddings are not decayed by default: OLMo 2 (Team OLMo 2024, "2 OLMo 2 Furious", section
+    3) removed weight decay from embeddings for stability, and nanochat's AdamW groups for the
+    embedding and unembedding use weight decay 0. nanoGPT does decay them (every 2-D tensor);
+    pass `decay_embeddings=True` for that. With tied input/output embeddings the shared matrix
+    is owned by an `nn.Embedding` and follows the embedding rule whichever name sees it first.
+
+    Shared (tied) parameters appear once; frozen parameters (requires_grad=False) are left out.
+    """
+    embedding_ids = set()
+    norm_ids = set()
+    for module in model.modules():
+        owned = {id(p) for p in module.parameters(recurse=False)}
+        if isinstance(module, nn.Embedding):
+            embedding_ids |= owned
+        elif _is_norm(module):
+            norm_ids |= owned
+    decay, no_decay = [], []
+    seen = set()
+    for _, p in model.named_parameters():  # named_parameters() already drops duplicates
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or id(p) in norm_ids or (id(p) in embedding_ids and not decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, cfg.weight_decay)`, with its initial lr at the peak `cfg.lr`.
+
+    The fused kernel is used on CUDA and CPU: on torch 2.13 with 2 CPU cores it steps ~6-10x
+    faster than foreach or the per-parameter loop (17 512x512 matrices plus an 8192x512
+    embedding: 4 ms fused, 25-54 ms foreach, 37-67 ms loop). Elsewhere (mps, xla, ...) foreach.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise UserError("the model has no trainable parameters")
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device_type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:
+            pass  # a dtype/device the fused kernel does not cover: fall back below
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """Raise UserError for schedule settings that cannot describe a schedule."""
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"train.schedule '{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= cfg.warmup < 1.0:
+        raise UserError(f"train.warmup must be a fraction of the budget in [0, 1), got {cfg.warmup}")
+    if not 0.0 <= cfg.cooldown <= 1.0:
+        raise UserError(f"train.cooldown must be a fraction of the budget in [0, 1], got {cfg.cooldown}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise UserError(f"train.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0.0 <= cfg.batch_ramp <= 1.0:
+        raise UserError(f"train.batch_ramp must be a fraction of the budget in [0, 1], got {cfg.batch_ramp}")
+
+
+def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
+    """The schedule's factor on the peak learning rate at `progress` in [0, 1].
+
+    Every schedule warms up linearly from 0 at progress 0 to 1 at `warmup`, then:
+    - linear: straight down to `min_lr_ratio` at progress 1.
+    - one-cycle: the same triangle, meant with a long warm-up (Cramming's budget triangle
+      peaks mid-budget; our bert-24h recipe sets warmup 0.5). Cramming's starts at 25% of the
+      peak instead of 0.
+    - wsd (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; Hägele et al. 2024): flat at 1, then
+      linear down to `min_lr_ratio` over the last `cooldown` of the budget (the decay starts at
+      warm-up end if the two overlap). Linear rather than MiniCPM's exponential decay, so it
+      reaches the minimum exactly at the deadline.
+    - cosine: half a cosine from 1 to `min_lr_ratio` between warm-up end and progress 1.
+    - constant: flat at 1 (min_lr_ratio unused).
+    Progress outside [0, 1] is clamped, so the decaying schedules hold their minimum after 1.
+    """
+    check_schedule(cfg)
+    p = min(1.0, max(0.0, float(progress)))
+    w, lo = cfg.warmup, cfg.min_lr_ratio
+    if p < w:
+        return p / w
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule in ("linear", "one-cycle"):
+        decay_start = w
+    elif cfg.schedule == "wsd":
+        decay_start = max(w, 1.0 - cfg.cooldown)
+        if p < decay_start:
+            return 1.0
+    else:  # cosine
+        t = (p - w) / (1.0 - w)
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if decay_start >= 1.0:  # wsd with cooldown 0: no decay
+        return 1.0
+    t = (p - decay_start) / (1.0 - decay_start)
+    return 1.0 - (1.0 - lo) * t
+
+
+def lr_at(progress: float, cfg: TrainConfig) -> float:
+    """The absolute learning rate at `progress`: `cfg.lr * lr_multiplier(progress, cfg)`."""
+    return cfg.lr * lr_multiplier(progress, cfg)
+
+
+def batch_size_at(progress: float, cfg: TrainConfig, full: int, unit: int = 1) -> int:
+    """The batch to use at `progress` under the optional batch ramp, in the units of `full`.
+
+    With `cfg.batch_ramp` = r > 0 the batch grows linearly from `full / 8` at progress 0 to
+    `full` at progress r and stays there. It is rounded down to a whole number of `unit`s and
+    is never below one unit, so pass `full` = global batch in sequences and `unit` =
+    micro-batch x world size: the result divided by `unit` is the number of gradient
+    accumulation steps (a ramp cannot go below one micro-batch per rank). `full` must be a
+    multiple of `unit`. Returns `full` when the ramp is off.
+    """
+    if unit < 1 or full < unit or full % unit:
+        raise ValueError(f"full batch {full} must be a positive multiple of the unit {unit}")
+    check_schedule(cfg)
+    r = cfg.batch_ramp
+    p = min(1.0, max(0.0, float(progress)))
+    if r <= 0.0 or p >= r:
+        return full
+    start = full * BATCH_RAMP_START
+    size = start + (full - start) * (p / r)
+    return max(unit, min(full, int(size // unit) * unit))

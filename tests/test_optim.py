@@ -1,0 +1,146 @@
+"""Parameter groups, optimizer construction and the progress-driven schedules."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from budgetlm.config import TrainConfig
+from budgetlm.errors import UserError
+from budgetlm.optim import SCHEDULES, batch_size_at, build_optimizer, lr_at, lr_multiplier, param_groups, set_lr
+
+
+class TinyLM(nn.Module):
+    """Embedding, a block with a norm and biased linear, and an output head tied to the embedding."""
+
+    def __init__(self, tie: bool = True):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(32, 8)
+        self.norm = nn.RMSNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.output = nn.Linear(8, 32, bias=False)
+        if tie:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, idx):
+        return self.output(self.ln(self.proj(self.norm(self.tok_embeddings(idx)))))
+
+
+def _ids(params):
+    return {id(p) for p in params}
+
+
+def test_param_groups_split_and_no_duplicates():
+    m = TinyLM(tie=True)
+    groups = param_groups(m, 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert _ids(decay["params"]) == {id(m.proj.weight)}
+    assert _ids(no_decay["params"]) == _ids([m.tok_embeddings.weight, m.norm.weight, m.proj.bias, m.ln.weight, m.ln.bias])
+    every = decay["params"] + no_decay["params"]
+    assert len(every) == len(_ids(every)) == len(list(m.parameters()))
+
+
+def test_tied_embedding_follows_embedding_rule_whatever_the_name_order():
+    m = TinyLM(tie=False)
+    m.tok_embeddings.weight = m.output.weight  # the head registered the parameter first
+    decay, no_decay = param_groups(m, 0.1)
+    assert id(m.output.weight) in _ids(no_decay["params"])
+    decay, no_decay = param_groups(m, 0.1, decay_embeddings=True)
+    assert id(m.output.weight) in _ids(decay["params"])
+
+
+def test_untied_head_is_decayed_and_frozen_params_are_left_out():
+    m = TinyLM(tie=False)
+    m.proj.weight.requires_grad_(False)
+    decay, no_decay = param_groups(m, 0.1)
+    assert _ids(decay["params"]) == {id(m.output.weight)}
+    assert id(m.proj.weight) not in _ids(decay["params"] + no_decay["params"])
+
+
+def test_build_optimizer_steps():
+    m = TinyLM()
+    cfg = TrainConfig(lr=1e-2, beta2=0.99)
+    opt = build_optimizer(m, cfg, "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["lr"] == 1e-2
+    before = m.proj.weight.detach().clone()
+    m(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    assert not torch.equal(before, m.proj.weight)
+    set_lr(opt, 0.5)
+    assert all(g["lr"] == 0.5 for g in opt.param_groups)
+    with pytest.raises(UserError):
+        build_optimizer(nn.Linear(2, 2).requires_grad_(False), cfg, "cpu")
+
+
+def _cfg(schedule, **kw):
+    return TrainConfig(schedule=schedule, lr=1.0, **{"warmup": 0.1, "min_lr_ratio": 0.1, **kw})
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_endpoints(schedule):
+    cfg = _cfg(schedule)
+    assert lr_at(0.0, cfg) == 0.0
+    assert lr_at(0.05, cfg) == pytest.approx(0.5)  # halfway through warm-up
+    assert lr_at(0.1, cfg) == pytest.approx(1.0)  # peak at warm-up end
+    final = 1.0 if schedule == "constant" else 0.1
+    assert lr_at(1.0, cfg) == pytest.approx(final, abs=1e-12)
+    assert lr_at(1.5, cfg) == pytest.approx(final, abs=1e-12)  # clamped past the deadline
+    assert lr_at(-1.0, cfg) == 0.0
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_monotone_segments(schedule):
+    cfg = _cfg(schedule)
+    ps = np.linspace(0, 1, 2001)
+    lrs = np.array([lr_multiplier(p, cfg) for p in ps])
+    warm = ps <= 0.1
+    assert np.all(np.diff(lrs[warm]) > 0)
+    assert np.all(np.diff(lrs[~warm]) <= 1e-12)
+    assert lrs.max() == pytest.approx(1.0)
+
+
+def test_wsd_plateau_and_cooldown():
+    cfg = _cfg("wsd", cooldown=0.2, min_lr_ratio=0.0)
+    assert all(lr_multiplier(p, cfg) == 1.0 for p in (0.1, 0.3, 0.5, 0.8))
+    assert lr_multiplier(0.9, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(1.0, cfg) == 0.0
+    # A cooldown longer than what follows warm-up decays from warm-up end.
+    long = _cfg("wsd", cooldown=1.0, min_lr_ratio=0.0)
+    assert lr_multiplier(0.55, long) == pytest.approx(0.5)
+    assert lr_multiplier(0.5, _cfg("wsd", cooldown=0.0)) == 1.0
+
+
+def test_linear_and_cosine_midpoints_and_no_warmup():
+    cfg = _cfg("linear", warmup=0.0, min_lr_ratio=0.0)
+    assert lr_multiplier(0.0, cfg) == 1.0 and lr_multiplier(0.25, cfg) == pytest.approx(0.75)
+    cos = _cfg("cosine", warmup=0.0, min_lr_ratio=0.0)
+    assert lr_multiplier(0.5, cos) == pytest.approx(0.5)
+    assert lr_at(0.5, dataclasses.replace(cos, lr=3e-4)) == pytest.approx(1.5e-4)
+
+
+@pytest.mark.parametrize("bad", [dict(warmup=1.0), dict(warmup=-0.1), dict(cooldown=1.5), dict(min_lr_ratio=2.0), dict(schedule="step")])
+def test_schedule_errors(bad):
+    with pytest.raises(UserError):
+        lr_at(0.5, dataclasses.replace(TrainConfig(), **bad))
+
+
+def test_batch_ramp():
+    cfg = TrainConfig(batch_ramp=0.5)
+    # 64 sequences per step in micro-batches of 4 (units of 4).
+    assert batch_size_at(0.0, cfg, 64, 4) == 8
+    assert batch_size_at(0.25, cfg, 64, 4) == 36  # 8 + 56 * 0.5 = 36
+    assert batch_size_at(0.26, cfg, 64, 4) == 36  # 37.12 rounds down to whole micro-batches
+    assert batch_size_at(0.5, cfg, 64, 4) == 64
+    assert batch_size_at(1.0, cfg, 64, 4) == 64
+    sizes = [batch_size_at(p, cfg, 64, 4) for p in np.linspace(0, 1, 101)]
+    assert sizes == sorted(sizes) and all(s % 4 == 0 for s in sizes)
+    # Never below one unit, and the full batch when the ramp is off.
+    assert batch_size_at(0.0, cfg, 16, 8) == 8
+    assert batch_size_at(0.0, TrainConfig(batch_ramp=0.0), 64, 4) == 64
+    with pytest.raises(ValueError):
+        batch_size_at(0.0, cfg, 10, 4)
