@@ -1,0 +1,106 @@
+"""Distributed helpers: no-ops in one process, real collectives and DDP over 2 gloo processes."""
+
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from budgetlm import distributed as D
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_is_a_no_op(single_process, capsys):
+    info = D.init_distributed()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (0, 0, 1, True)
+    assert info.device.type in ("cpu", "cuda", "mps")
+    t = torch.tensor([3.0])
+    assert D.all_reduce_mean(t) is t and t.item() == 3.0
+    assert D.all_reduce_max(2.5) == 2.5
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    D.barrier()
+    D.print0("hello")
+    assert capsys.readouterr().out == "hello\n"
+    model = nn.Linear(2, 2)
+    assert D.wrap_ddp(model, info) is model
+    with D.no_sync(model, enabled=True):
+        pass
+    D.cleanup()
+
+
+def test_bad_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(D.UserError):
+        D.init_distributed()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(D.UserError):
+        D.init_distributed()
+
+
+def test_unwrap_model_through_compile():
+    model = nn.Linear(2, 2)
+    assert D.unwrap_model(model) is model
+    assert D.unwrap_model(torch.compile(model)) is model
+
+
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(D.get_world_size())]
+    torch.distributed.all_gather(out, t)
+    return out
+
+
+def _worker(rank: int, world_size: int, init_file: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = D.init_distributed("auto", init_method=f"file://{init_file}", timeout_s=60)
+    try:
+        assert (info.rank, info.world_size, info.device.type) == (rank, world_size, "cpu")
+        assert D.is_main() == (rank == 0)
+
+        t = torch.tensor([rank + 1.0, 2.0 * (rank + 1)])
+        D.all_reduce_mean(t)
+        assert torch.allclose(t, torch.tensor([1.5, 3.0]))
+        assert D.all_reduce_max(float(rank)) == world_size - 1
+        assert D.broadcast_object({"from": rank, "list": [rank]}) == {"from": 0, "list": [0]}
+        D.barrier()
+
+        # The same model and global batch on every rank; the reference sees the whole batch.
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        ref = copy.deepcopy(model)
+        x, y = torch.randn(8, 4), torch.randn(8, 3)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+        nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+
+        ddp = D.wrap_ddp(model, info)
+        assert isinstance(ddp, D.DDP)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        shard_x, shard_y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        micro = list(zip(shard_x.chunk(2), shard_y.chunk(2)))
+        for i, (xb, yb) in enumerate(micro):
+            last = i == len(micro) - 1
+            with D.no_sync(ddp, enabled=not last):
+                (nn.functional.mse_loss(ddp(xb), yb) / len(micro)).backward()
+            grads = _gather(model.weight.grad.detach().clone())
+            # Under no_sync each rank holds only its own gradient; after the last micro-batch
+            # DDP has averaged them, so all ranks agree.
+            assert torch.equal(grads[0], grads[1]) == last
+        opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    finally:
+        D.cleanup()
+
+
+def test_two_gloo_processes(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
