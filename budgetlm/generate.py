@@ -1,0 +1,263 @@
+"""Text generation: a preallocated key/value cache, sampling, and the `budgetlm generate` verb.
+
+The prompt is run once (prefill) filling the cache; then each new token costs one forward pass
+of length 1 that attends to the cached keys and values (the standard incremental decoding of
+Transformer decoders; Pope et al. 2022 for the cost analysis).
+
+Context length: the model was trained with `seq_len` positions and its rotary tables stop there.
+A prompt longer than that keeps its last `seq_len` tokens. When the cache is full, generation
+slides: it keeps the most recent 3/4 of the context and re-runs it as a fresh prefill (positions
+restart at 0, which is how the model saw every training window), then continues one token at a
+time. Re-prefilling once every seq_len/4 tokens keeps the amortised cost near that of plain
+cached decoding, and every token is predicted from at least 3/4 of a full context.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from budgetlm.errors import UserError
+
+SLIDE_KEEP = 0.75  # fraction of the context kept when the cache is full
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (n_layer, B, n_kv_head, max_len, hs)."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, *, device=None, dtype=torch.float32):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg = model.cfg
+        weight = model.tok_embeddings.weight
+        return cls(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_kv_head or cfg.n_head,
+            max_len or cfg.seq_len,
+            cfg.n_embd // cfg.n_head,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+
+    def update(self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at start_pos..start_pos+T-1; return keys/values 0..start_pos+T-1."""
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer_id, :, :, start_pos:end] = k
+        self.v[layer_id, :, :, start_pos:end] = v
+        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]  # (B, nkv, end, hs)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(
+    logits: torch.Tensor,
+    vocab_size: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, padded_vocab). Ids >= vocab_size (the padding rows of
+    the output projection) are cut off before anything else, so they can never be produced.
+    temperature 0 = greedy; top_k keeps the k most likely; top_p keeps the smallest set whose
+    probability reaches p (nucleus sampling, Holtzman et al. 2020)."""
+    logits = logits[:, :vocab_size].float()  # (B, V)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def stream(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time after the prompt `idx` (B, T).
+
+    Stops after `max_new_tokens`, or once every row has produced `eos_id` (rows that finished
+    earlier keep yielding `eos_id`). `seed` makes sampling reproducible when no `generator` is
+    given. The model runs in eval mode; its previous mode is restored afterwards."""
+    cfg = model.cfg
+    if cfg.objective != "causal":
+        raise UserError("generate needs a causal model; this one was trained with the masked objective")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError("idx must be a non-empty (B, T) tensor of token ids")
+    device = idx.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    seq_len, vocab_size = cfg.seq_len, model.vocab_size
+    keep = max(1, int(seq_len * SLIDE_KEEP))
+
+    was_training = model.training
+    model.eval()
+    try:
+        history = idx[:, -seq_len:]  # (B, <= seq_len): the context the cache describes
+        cache = KVCache.for_model(model, idx.size(0))
+        logits = model(history, kv_cache=cache, start_pos=0)[:, -1]  # prefill -> (B, V)
+        pos = history.size(1)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, vocab_size, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(finished, eos_id)
+                finished |= nxt == eos_id
+            yield nxt
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            history = torch.cat([history, nxt[:, None]], dim=1)[:, -seq_len:]
+            if pos == seq_len:  # cache full: slide (see the module docstring)
+                history = history[:, -keep:]
+                logits = model(history, kv_cache=cache, start_pos=0)[:, -1]
+                pos = history.size(1)
+            else:
+                logits = model(nxt[:, None], kv_cache=cache, start_pos=pos)[:, -1]  # (B, V)
+                pos += 1
+    finally:
+        model.train(was_training)
+
+
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """The prompt followed by the generated tokens, (B, T + n) with n <= max_new_tokens.
+    Keyword arguments as for `stream` (temperature, top_k, top_p, seed, generator, eos_id)."""
+    new = list(stream(model, idx, max_new_tokens, **kwargs))
+    if not new:
+        return idx
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI verb
+
+
+class IncrementalDecoder:
+    """Turn a growing list of ids into text pieces that are safe to print.
+
+    A byte-level BPE token can end in the middle of a UTF-8 character, so decoding token by token
+    would print replacement characters. Re-decode a short tail instead (two offsets, as Hugging
+    Face text-generation-inference does) and hold text back while it ends in U+FFFD."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the tail that is re-decoded for context
+        self.read_offset = 0  # ids before this are printed
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+def _check_sampling_args(args) -> None:
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+
+
+def generate_command(args) -> int:
+    from budgetlm.run import load_run, resolve_device
+
+    _check_sampling_args(args)
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    if run.config.model.objective != "causal":
+        raise UserError(f"generate needs a causal model; {args.run} was trained with the masked objective (use finetune or suite)")
+    tok = run.tokenizer
+    eos_id = getattr(tok, "eos_id", None)
+    prompt_ids = tok.encode(args.prompt)
+    if not prompt_ids:
+        if eos_id is None:
+            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        prompt_ids = [eos_id]  # documents are separated by eos in training, so it is a natural start
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+    decoder = IncrementalDecoder(tok)
+    pieces: list[str] = []
+    n_tokens = 0
+    if not args.json:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    start = time.perf_counter()
+    for nxt in stream(
+        run.model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id
+    ):
+        token_id = int(nxt[0])
+        if token_id == eos_id:
+            break
+        n_tokens += 1
+        piece = decoder.push(token_id)
+        pieces.append(piece)
+        if piece and not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    tail = decoder.flush()
+    pieces.append(tail)
+    completion = "".join(pieces)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "completion": completion,
+                    "tokens": n_tokens,
+                    "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,312 @@
+"""The Transformer: single-device, pure PyTorch, causal (Llama-like) or masked (BERT-like).
+
+Causal: pre-norm RMSNorm, rotary positions (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020),
+no biases, optionally grouped-query attention (Ainslie et al. 2023) -- the Llama recipe
+(Touvron et al. 2023). Masked: the same blocks without the causal mask, trained on masked
+positions only, following Cramming (Geiping & Goldstein 2022): gated GELU, pre-norm LayerNorm,
+no biases, and "sparse prediction" -- only the masked positions go through the final norm and
+the output projection, so no compute is spent predicting the ~85% of tokens that carry no loss.
+
+Rules (DESIGN.md section 2, torchtitan): the model knows nothing about ranks, logging, files or
+the CLI; it is built on the `meta` device and materialised by `init_weights()`; parameter names
+follow Llama/torchtitan (`tok_embeddings`, `layers.{i}.attention.wq`, ...), so the Hugging Face
+export is the short name map in `budgetlm/hf_names.py`; layers sit in an `nn.ModuleDict` keyed
+"0".."n-1" so pipeline stages can drop layers without renaming parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from budgetlm.config import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (PyTorch's cross_entropy default)
+VOCAB_MULTIPLE = 64  # padding the vocabulary to a multiple of 64 keeps the output matmul on fast tiles (nanoGPT: ~25% faster)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The embedding/output size: `vocab_size` rounded up to a multiple of 64."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    """Feed-forward width: the config's, else 8/3 n_embd for gated MLPs (same parameters as a 4x MLP; Shazeer 2020)
+    or 4 n_embd for a plain one, rounded up to a multiple of 64."""
+    if cfg.ffn_hidden > 0:
+        return cfg.ffn_hidden
+    hidden = int(8 * cfg.n_embd / 3) if cfg.mlp in ("swiglu", "geglu") else 4 * cfg.n_embd
+    return (hidden + 63) // 64 * 64
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Shape rules the model needs; raise ValueError naming the field."""
+    if cfg.vocab_size <= 0:
+        raise ValueError("model.vocab_size must be set (the tokenizer's size) before building the model")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+    if (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"head size n_embd/n_head = {cfg.n_embd // cfg.n_head} must be even for rotary positions")
+    n_kv = cfg.n_kv_head or cfg.n_head
+    if cfg.n_head % n_kv:
+        raise ValueError(f"model.n_head ({cfg.n_head}) must be a multiple of model.n_kv_head ({n_kv})")
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a key/value cache (implemented by `budgetlm.generate.KVCache`)."""
+
+    def update(self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_head, T, hs) at positions start_pos.. and return all keys/values up to start_pos+T."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    # RMSNorm (Zhang & Sennrich 2019) as in Llama; LayerNorm without bias as in Cramming.
+    # Both call fused kernels (F.rms_norm / F.layer_norm) rather than composing pow/mean/rsqrt.
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seq_len, head_dim / 2), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by position. "rotate-half" layout: dimension i pairs with i + hs/2, as in
+    Hugging Face Llama (GPT-NeoX), so its checkpoints load without permuting wq/wk rows."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B and nh
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.causal = cfg.objective == "causal"
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        # QK-norm (Dehghani et al. 2023; OLMo 2, Qwen3) keeps attention logits bounded at high learning rates.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCacheLike | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        is_causal = self.causal and T > 1
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # (B, nkv, start_pos+T, hs)
+            if is_causal and start_pos > 0:
+                # a chunk after cached tokens: query i sees keys 0 .. start_pos+i (is_causal would align to the top-left)
+                attn_mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+                is_causal = False
+        if attn_mask is not None:
+            is_causal = False  # an explicit mask (padding or cache offset) already carries causality
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020), w2(gelu(w1 x)) for plain."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.kind = cfg.mlp
+        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False) if cfg.mlp in ("swiglu", "geglu") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.kind == "geglu":
+            return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = make_norm(cfg, cfg.n_embd)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = make_norm(cfg, cfg.n_embd)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size  # real ids are < vocab_size; ids up to padded_vocab_size are never produced
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size)
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.tok_embeddings = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
+        self.norm = make_norm(cfg, cfg.n_embd)
+        self.output = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
+        self.tie_weights()
+        # Rotary tables are derived state, not weights: non-persistent, recomputed by init_weights().
+        cos, sin = rope_tables(cfg.seq_len, self.head_dim, cfg.rope_theta, device=self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Transformer:
+        """Construct on `meta` (no memory, no init cost), allocate on `device`, then initialise.
+
+        Deterministic given `torch.manual_seed`. Parallelism and compilation are applied to the
+        returned model from outside (budgetlm.distributed)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty allocates a fresh tensor per module, which unties shared parameters
+        model.init_weights()
+        return model
+
+    def tie_weights(self) -> None:
+        # Weight tying (Press & Wolf 2017): the output projection reuses the input embedding.
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) for every matrix; the two projections that write into the residual stream
+        (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
+        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():  # fixed order -> deterministic under manual_seed
+            if p.dim() == 1:
+                nn.init.ones_(p)  # norm weights (no biases anywhere)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        cos, sin = rope_tables(self.cfg.seq_len, self.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_cache: KVCacheLike | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual stream after the last block, before the final norm: (B, T, C).
+
+        `attn_mask` (bool, broadcastable to (B, nh, T, T), True = may attend) is for callers such as
+        fine-tuning heads that batch padded sequences; pretraining packs sequences and needs none."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
+        cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
+        sin = self.rope_sin[start_pos : start_pos + T]
+        x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
+        return x
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCacheLike | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids. Without targets: logits (B, T, padded_vocab_size) in fp32.
+        With targets (B, T; IGNORE_INDEX = no loss): the mean cross-entropy in fp32.
+
+        Causal: the caller shifts (window w of T+1 tokens: idx = w[:, :-1], targets = w[:, 1:]).
+        Masked: targets hold the original ids at masked positions and -100 elsewhere; only those
+        positions are normed, projected and scored (Cramming's sparse prediction)."""
+        x = self.hidden_states(idx, kv_cache=kv_cache, start_pos=start_pos)  # (B, T, C)
+        if targets is None:
+            return self.output(self.norm(x)).float()
+        x = x.reshape(-1, x.size(-1))  # (B*T, C)
+        targets = targets.reshape(-1)  # (B*T,)
+        if self.cfg.objective == "masked":
+            keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
+            x, targets = x.index_select(0, keep), targets.index_select(0, keep)  # (M, C), (M,)
+        logits = self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, counting a tied embedding once. `exclude_embeddings` drops the embedding table
+        (shared with the output projection when tied), Kaplan et al. 2020's "non-embedding" count."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM (Chowdhery et al. 2022, appendix B)
+        and nanoGPT convention: 6 N for the matmuls with N = non-embedding parameters including the
+        output projection, plus 12 * n_layer * n_embd * seq_len for attention scores and values
+        (2 matmuls of T x hs per head, x3 for backward, full T: the causal half is not discounted).
+        Norms, activations and the softmax are ignored; the masked objective's sparse prediction
+        makes the true count a little lower (the output matmul runs on masked positions only)."""
+        T = self.cfg.seq_len if seq_len is None else seq_len
+        N = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings:
+            N += self.output.weight.numel()  # the tied matrix is not a lookup on the output side: it is a matmul
+        return 6 * N + 12 * self.cfg.n_layer * self.cfg.n_embd * T

@@ -1,0 +1,164 @@
+"""The Transformer: shapes, causality, meta build + init, tying, names, sparse masked loss, FLOPs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from budgetlm.config import ModelConfig
+from budgetlm.model import IGNORE_INDEX, Transformer, ffn_hidden_size, padded_vocab_size
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=100, seq_len=32)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer.build(cfg, "cpu")
+
+
+def test_padded_vocab_and_ffn_sizes():
+    assert padded_vocab_size(100) == 128 and padded_vocab_size(128) == 128 and padded_vocab_size(50257) == 50304
+    assert ffn_hidden_size(tiny()) == 192  # 8/3 * 64 = 170.7 -> 192
+    assert ffn_hidden_size(tiny(mlp="gelu")) == 256
+    assert ffn_hidden_size(tiny(ffn_hidden=100)) == 100
+
+
+@pytest.mark.parametrize("objective, mlp, norm", [("causal", "swiglu", "rmsnorm"), ("masked", "geglu", "layernorm"), ("causal", "gelu", "rmsnorm")])
+def test_shapes_and_loss(objective, mlp, norm):
+    model = build(tiny(objective=objective, mlp=mlp, norm=norm))
+    idx = torch.randint(0, 100, (3, 32))
+    logits = model(idx)
+    assert logits.shape == (3, 32, 128) and logits.dtype == torch.float32
+    targets = torch.randint(0, 100, (3, 32))
+    targets[:, ::2] = IGNORE_INDEX
+    loss = model(idx, targets)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # a freshly initialised model predicts near-uniformly over the padded vocabulary
+    assert abs(loss.item() - math.log(128)) < 1.0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rejects_contexts_longer_than_seq_len():
+    model = build(tiny())
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_kv_head, qk_norm", [(0, False), (2, True)])
+def test_causal_model_does_not_look_ahead(n_kv_head, qk_norm):
+    model = build(tiny(n_kv_head=n_kv_head, qk_norm=qk_norm)).eval()
+    idx = torch.randint(0, 100, (2, 32))
+    changed = idx.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 100
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_masked_model_looks_both_ways():
+    model = build(tiny(objective="masked", mlp="geglu", norm="layernorm")).eval()
+    idx = torch.randint(0, 100, (2, 32))
+    changed = idx.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 100
+    assert not torch.allclose(model(idx)[:, :20], model(changed)[:, :20])
+
+
+def test_meta_build_is_deterministic_and_initialised():
+    cfg = tiny(n_layer=4)
+    a, b, c = build(cfg, seed=1), build(cfg, seed=1), build(cfg, seed=2)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.layers["0"].attention.wq.weight, c.layers["0"].attention.wq.weight)
+    assert not any(p.is_meta for p in a.parameters()) and not a.rope_cos.is_meta
+    # N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2 n_layer), norms at one
+    assert a.layers["0"].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert a.layers["0"].feed_forward.w2.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert torch.equal(a.norm.weight, torch.ones(64))
+    # rotary tables match an eager (non-meta) construction
+    torch.manual_seed(1)
+    eager = Transformer(cfg)
+    torch.testing.assert_close(a.rope_cos, eager.rope_cos)
+    torch.testing.assert_close(a.rope_sin, eager.rope_sin)
+
+
+def test_tied_and_untied_embeddings():
+    tied = build(tiny())
+    assert tied.output.weight is tied.tok_embeddings.weight
+    assert tied.output.weight.data_ptr() == tied.tok_embeddings.weight.data_ptr()
+    untied = build(tiny(tie_embeddings=False))
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    assert untied.num_params() - tied.num_params() == 128 * 64
+
+
+def test_parameter_names_follow_llama():
+    names = set(dict(build(tiny(tie_embeddings=False, qk_norm=True)).named_parameters()))
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("q_norm", "k_norm")}
+        expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    assert names == expected
+    assert list(build(tiny()).layers.keys()) == ["0", "1"]
+    assert not any(k.startswith("rope") for k in build(tiny()).state_dict())  # derived, not saved
+
+
+def test_masked_sparse_loss_equals_dense_reference():
+    model = build(tiny(objective="masked", mlp="geglu", norm="layernorm")).eval()
+    idx = torch.randint(0, 100, (4, 32))
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    chosen = torch.rand(idx.shape) < 0.25
+    targets[chosen] = torch.randint(0, 100, (int(chosen.sum()),))
+    sparse = model(idx, targets)
+    dense_logits = model(idx)  # every position through norm + output
+    reference = F.cross_entropy(dense_logits[chosen], targets[chosen])
+    torch.testing.assert_close(sparse, reference, atol=1e-5, rtol=1e-5)
+    # gradients agree too
+    sparse.backward()
+    g_sparse = model.tok_embeddings.weight.grad.clone()
+    model.zero_grad()
+    F.cross_entropy(model(idx)[chosen], targets[chosen]).backward()
+    torch.testing.assert_close(g_sparse, model.tok_embeddings.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_causal_loss_is_shifted_cross_entropy():
+    model = build(tiny()).eval()
+    window = torch.randint(0, 100, (2, 33))
+    idx, targets = window[:, :-1], window[:, 1:]
+    logits = model(idx)
+    torch.testing.assert_close(model(idx, targets), F.cross_entropy(logits.reshape(-1, 128), targets.reshape(-1)))
+
+
+def test_flops_per_token_formula():
+    for tie in (True, False):
+        cfg = tiny(tie_embeddings=tie, n_kv_head=2)
+        model = build(cfg)
+        C, L, V = 64, 2, 128
+        hidden = ffn_hidden_size(cfg)
+        per_layer = C * C * 2 + C * (C // 2) * 2 + 3 * C * hidden + 2 * C  # wq, wo, wk, wv (GQA), w1-3, two norms
+        N = L * per_layer + C + V * C  # blocks, final norm, output projection
+        assert model.num_params(exclude_embeddings=True) == N - (V * C if tie else 0)
+        assert model.flops_per_token(32) == 6 * N + 12 * L * C * 32
+        assert model.flops_per_token() == model.flops_per_token(32)
+
+
+def test_dropout_only_in_training():
+    model = build(tiny(dropout=0.5))
+    idx = torch.randint(0, 100, (2, 16))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(tiny(vocab_size=0))
+    with pytest.raises(ValueError, match="n_kv_head"):
+        Transformer(tiny(n_kv_head=3))
