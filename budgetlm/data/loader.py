@@ -1,0 +1,101 @@
+"""Batches of token windows: a seeded, resumable, rank-partitioned training stream and fixed
+validation windows.
+
+The training stream is a sequence of windows of ``seq_len + 1`` tokens (inputs ``w[:-1]``,
+targets ``w[1:]``). Window ``i`` starts at token ``i * seq_len``, so consecutive windows share
+one token and every token is a target exactly once per epoch. Epoch ``e`` visits all windows
+in the permutation drawn from ``seed + e``. The stream is global: with ``world_size`` ranks
+each asking for ``bs`` windows, rank ``r`` gets stream items ``[pos + r*bs, pos + (r+1)*bs)``
+and everyone advances by ``bs * world_size``, so N ranks together see exactly what one process
+asking for ``N * bs`` would (DDP gives the same math on 1 and N GPUs). The state is two
+integers (epoch, pos), so resuming continues the exact order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from budgetlm.errors import UserError
+
+
+class TrainBatches:
+    def __init__(self, tokens, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+        if seq_len < 1:
+            raise UserError(f"seq_len must be >= 1, got {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+        self._epoch = 0
+        self._pos = 0  # next stream position within the current epoch
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # only the current and next epoch are ever needed
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng(self.seed + epoch)
+            self._perms[epoch] = rng.permutation(self.n_windows)
+        return self._perms[epoch]
+
+    def window_indices(self, batch_size: int) -> list[int]:
+        """The window indices this rank's next batch will hold (does not advance)."""
+        start = self._pos + self.rank * batch_size
+        out = []
+        for k in range(start, start + batch_size):
+            epoch, i = self._epoch + k // self.n_windows, k % self.n_windows
+            out.append(int(self._perm(epoch)[i]))
+        return out
+
+    def next(self, batch_size: int) -> torch.Tensor:
+        """A LongTensor (batch_size, seq_len + 1) of this rank's windows; advances all ranks' stream."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        idx = self.window_indices(batch_size)
+        batch = np.stack([self.tokens.get(i * self.seq_len, self.seq_len + 1) for i in idx])
+        self._pos += batch_size * self.world_size
+        self._epoch += self._pos // self.n_windows
+        self._pos %= self.n_windows
+        return torch.from_numpy(batch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "pos": self._pos, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "n_windows"):
+            if key in state and state[key] != getattr(self, key):
+                now = getattr(self, key)
+                raise UserError(f"data loader state was saved with {key}={state[key]}, now {now}; resume needs the same data and settings")
+        self._epoch = int(state["epoch"])
+        self._pos = int(state["pos"])
+
+
+def val_batches(tokens, seq_len: int, n_tokens: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The first `n_tokens` of a split as fixed contiguous windows (same every call).
+
+    ``n_tokens // seq_len`` windows (at least one), capped by what the split holds.
+    """
+    available = (len(tokens) - 1) // seq_len
+    if available < 1:
+        raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+    n = min(available, max(1, n_tokens // seq_len))
+    for b in range(0, n, batch_size):
+        idx = range(b, min(n, b + batch_size))
+        yield torch.from_numpy(np.stack([tokens.get(i * seq_len, seq_len + 1) for i in idx]))
