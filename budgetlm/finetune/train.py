@@ -1,0 +1,475 @@
+"""`budgetlm finetune`: adapt a pretrained run to a task with a full or parameter-efficient method.
+
+setup (read files, discover labels, load the base run, build head + method) -> fit (AdamW,
+warm-up then linear decay, evaluation a few times an epoch, early stopping on the validation
+metric, the best state kept) -> save (only what trained, plus finetune.json naming the base run).
+
+The learning rate follows progress = max(step / planned steps, budget progress), so with
+`--budget` the decay ends at the deadline exactly as in pretraining (Cramming), and without it at
+the last planned epoch. Warm-up is the first 6% of progress (RoBERTa's fine-tuning setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from budgetlm.errors import UserError
+from budgetlm.evaluate.metrics import main_metric, task_metrics
+from budgetlm.finetune.heads import TaskModel, collate, encode_examples, set_body_dropout
+from budgetlm.finetune.methods import MethodOptions, apply_method, trainable_report, trainable_state_dict
+from budgetlm.finetune.tasks import Columns, Example, infer_format, read_task_file
+
+FINETUNE_FILE = "finetune.json"
+WEIGHTS_FILE = "head_and_method.safetensors"
+
+# Peak learning rates by method. Small bodies tolerate higher rates than BERT-base's 2e-5..5e-5;
+# LoRA and adapters train fresh, zero-started parameters and want ~10x more (Hu et al. 2021 use
+# 4e-4..5e-4; Houlsby et al. 2019 1e-4..1e-3); directly optimised prefixes more still (P-tuning v2).
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prefix": 1e-2}
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classify"
+    method: str = "full"
+    epochs: float = 3.0
+    lr: float | None = None  # None = DEFAULT_LR[method]
+    batch_size: int = 32
+    max_len: int = 128
+    dropout: float = 0.1
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    grad_clip: float = 1.0
+    patience: int = 3
+    evals_per_epoch: int = 2
+    valid_fraction: float = 0.1  # held out of the training file when no validation file is given
+    budget: str | None = None
+    precision: str = "auto"
+    pooling: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    method_options: MethodOptions = field(default_factory=MethodOptions)
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+@dataclass
+class LabelSpace:
+    """What the head predicts: class/tag names (by index), or the regression target's scale."""
+
+    task: str
+    labels: list[str] | None = None
+    stats: dict | None = None  # regress: mean, std of the training targets
+    fallback: object = None  # the majority label: for words cut off by truncation
+
+    @classmethod
+    def from_examples(cls, task: str, examples: list[Example]) -> LabelSpace:
+        if task == "regress":
+            ys = [float(e.label) for e in examples]
+            mean = sum(ys) / len(ys)
+            std = math.sqrt(sum((y - mean) ** 2 for y in ys) / len(ys)) or 1.0
+            return cls(task, None, {"mean": mean, "std": std}, mean)
+        flat = [t for e in examples for t in e.label] if task == "tag" else [e.label for e in examples]
+        counts: dict[str, int] = {}
+        for t in flat:
+            counts[t] = counts.get(t, 0) + 1
+        labels = sorted(counts, key=_natural_key)
+        if task != "tag" and len(labels) < 2:
+            raise UserError(f"the training data has a single label ({labels[0]!r}); classification needs at least two")
+        return cls(task, labels, None, max(counts, key=counts.get))
+
+    @property
+    def index(self) -> dict[str, int] | None:
+        return {name: i for i, name in enumerate(self.labels)} if self.labels is not None else None
+
+    def num_labels(self) -> int:
+        return len(self.labels) if self.labels is not None else 1
+
+    def check_known(self, examples: list[Example], where: str) -> None:
+        if self.labels is None:
+            return
+        known = set(self.labels)
+        seen = {t for e in examples for t in (e.label if self.task == "tag" else [e.label])}
+        unseen = sorted(seen - known, key=_natural_key)
+        if unseen:
+            raise UserError(f"{where} has label(s) not seen in training: {', '.join(map(repr, unseen[:5]))} (training labels: {len(known)})")
+
+
+def _natural_key(label: str):
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
+
+
+@dataclass
+class Base:
+    """What a fine-tuning run starts from: the body, its tokenizer and where they came from."""
+
+    body: torch.nn.Module
+    tokenizer: object
+    run_dir: Path | None
+    info: dict
+
+
+def load_base(run_dir: str | Path, device: str | torch.device = "cpu", random_init: bool = False, seed: int = 0) -> Base:
+    """The pretrained body of `run_dir` (or, with `random_init`, the same architecture freshly initialised)."""
+    from budgetlm.model import Transformer
+    from budgetlm.run import load_run, weights_path
+
+    run = load_run(run_dir, device=device)
+    tok = run.tokenizer
+    if tok.vocab_size > run.config.model.vocab_size:
+        raise UserError(f"the tokenizer of {run_dir} ({tok.vocab_size} ids) does not match its model ({run.config.model.vocab_size} ids)")
+    data_json = Path(run_dir) / "data.json"
+    if data_json.is_file():
+        recorded = json.loads(data_json.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        if recorded and recorded != tok.sha256:
+            raise UserError(f"the tokenizer.json of {run_dir} is not the one its data was prepared with")
+    body = run.model
+    if random_init:
+        torch.manual_seed(seed)
+        body = Transformer.build(run.config.model, device=torch.device(device))
+    wpath = weights_path(run_dir)
+    info = {
+        "run": str(Path(run_dir).resolve()),
+        "tokenizer_sha256": tok.sha256,
+        "weights_file": wpath.name if wpath.parent == Path(run_dir) else str(wpath.relative_to(run_dir)),
+        "weights_sha256": file_sha256(wpath),
+        "weights_size": wpath.stat().st_size,
+        "objective": run.config.model.objective,
+        "random_init": random_init,
+    }
+    return Base(body, tok, Path(run_dir), info)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast where the device supports it, fp16 on older GPUs, nothing (fp32) on CPU by default."""
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on CPU)")
+    if precision == "fp32":
+        return precision, contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return precision, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def split_valid(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded hold-out of the training examples (at least one, at most half)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_valid = min(max(1, round(len(examples) * fraction)), len(examples) // 2)
+    if n_valid < 1:
+        raise UserError(f"{len(examples)} training example(s) are too few to hold out a validation split; pass --valid FILE")
+    held = set(order[:n_valid])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class Result:
+    model: TaskModel
+    space: LabelSpace
+    metrics: dict  # validation metrics of the best state
+    history: list[dict]
+    summary: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneConfig, log=print, metrics_log=None) -> Result:
+    """Fine-tune `base.body` on `train`, early-stopping on `valid`; returns the model in its best state."""
+    from budgetlm.budget import Clock, parse_budget
+    from budgetlm.finetune.predict import predict_examples
+
+    device = resolve_device(cfg.device)
+    precision, autocast = autocast_for(cfg.precision, device)
+    space = LabelSpace.from_examples(cfg.task, train)
+    space.check_known(valid, "the validation data")
+    body = base.body.to(device)
+    max_len = min(cfg.max_len, body.cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    model = TaskModel(body, cfg.task, space.num_labels(), dropout=cfg.dropout, pooling=cfg.pooling).to(device)
+    set_body_dropout(body, cfg.dropout)
+    apply_method(model, cfg.method, cfg.method_options)
+    model.to(device)
+    params = trainable_report(model)
+    log(
+        f"{cfg.task} with {cfg.method}: {params['trainable_params']:,} of {params['total_params']:,} parameters train "
+        f"({params['trainable_share']:.2%}) | {len(train)} train, {len(valid)} valid examples | {precision} on {device}"
+    )
+
+    encoded = encode_examples(base.tokenizer, model.objective, cfg.task, train, max_len, space.index, space.stats)
+    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else 0
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    planned = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+    metric = main_metric(cfg.task, space.labels)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # no weight decay on biases, norms and prefixes/embeddings-like vectors (BERT's convention)
+            (decay if p.dim() >= 2 and "kv_prefix" not in name else no_decay).append(p)
+    peak = cfg.peak_lr()
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.999), eps=1e-8
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    clock = Clock(parse_budget(cfg.budget)) if cfg.budget else None
+
+    def lr_at(progress: float) -> float:
+        if progress < cfg.warmup:
+            return peak * (progress / cfg.warmup)
+        return peak * max(0.0, (1.0 - progress) / (1.0 - cfg.warmup))
+
+    def evaluate() -> dict:
+        preds = predict_examples(model, base.tokenizer, valid, space, max_len, batch_size=max(cfg.batch_size, 64), autocast=autocast)
+        gold = [e.label for e in valid]
+        return task_metrics(cfg.task, gold, preds, space.labels)
+
+    best, best_state, history, bad_evals = -math.inf, None, [], 0
+    step, seen, start = 0, 0, time.monotonic()
+    order_gen = random.Random(cfg.seed)
+    stop = False
+    if clock:
+        clock.start()
+    window_start, window_examples = time.monotonic(), 0
+    while not stop:
+        order = list(range(len(encoded)))
+        order_gen.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            progress = step / planned
+            if clock:
+                progress = max(progress, clock.progress(tokens=seen, steps=step))
+            if step >= planned or (clock and clock.should_stop(tokens=seen, steps=step)):
+                stop = True
+                break
+            lr = lr_at(progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = collate([encoded[i] for i in order[b : b + cfg.batch_size]], pad_id, cfg.task)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            model.train()
+            with autocast():
+                out = model(batch["idx"], batch["lengths"])
+            loss = model.loss(out, batch["labels"])
+            if not torch.isfinite(loss):
+                raise UserError(f"non-finite loss at step {step + 1}; lower --lr (now {peak:g})")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            n_tokens = int(batch["lengths"].sum())
+            seen += n_tokens
+            window_examples += len(batch["lengths"])
+            if clock:
+                clock.step_done()
+            if step % 10 == 0 or step == 1:
+                now = time.monotonic()
+                eps = window_examples / max(now - window_start, 1e-9)
+                window_start, window_examples = now, 0
+                elapsed = time.monotonic() - start
+                left = f", {_hms(clock.remaining())} left" if clock and clock.budget.kind == "time" else ""
+                log(
+                    f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {eps:,.0f} ex/s | "
+                    f"{_hms(elapsed)} elapsed{left} ({progress:.0%} of budget)"
+                )
+                if metrics_log:
+                    metrics_log.log("train", step, loss=loss.item(), lr=lr, examples_per_s=eps, elapsed=elapsed, progress=progress)
+            if step % eval_every == 0 or step >= planned:
+                overhead = clock.overhead() if clock else contextlib.nullcontext()
+                with overhead:
+                    val = evaluate()
+                history.append({"step": step, **val})
+                if metrics_log:
+                    metrics_log.log("eval", step, elapsed=time.monotonic() - start, **val)
+                improved = val[metric] > best
+                log(f"step {step:6d} | " + " | ".join(f"val_{k} {v:.4f}" for k, v in val.items()) + (" (best)" if improved else ""))
+                if improved:
+                    best, best_state, bad_evals = val[metric], trainable_state_dict(model), 0
+                else:
+                    bad_evals += 1
+                    # never before one full epoch: early evaluations of a barely trained head are noisy
+                    if bad_evals >= cfg.patience and step >= steps_per_epoch:
+                        log(f"early stop: val_{metric} did not improve for {cfg.patience} evaluations")
+                        stop = True
+                        break
+    if not history or history[-1]["step"] != step:
+        val = evaluate()
+        history.append({"step": step, **val})
+        if val[metric] > best:
+            best, best_state = val[metric], trainable_state_dict(model)
+    if best_state is not None:
+        from budgetlm.finetune.methods import load_trainable_state
+
+        load_trainable_state(model, best_state)
+    model.eval()
+    best_eval = max(history, key=lambda h: h[metric])
+    best_metrics = {k: v for k, v in best_eval.items() if k != "step"}
+    summary = {
+        "steps": step,
+        "best_step": best_eval["step"],
+        "elapsed_s": round(time.monotonic() - start, 1),
+        "metric": metric,
+        **params,
+        **{f"val_{k}": v for k, v in best_metrics.items()},
+    }
+    return Result(model, space, best_metrics, history, summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def save_finetuned(out_dir: Path, result: Result, base: Base, cfg: FinetuneConfig, data_info: dict) -> None:
+    """finetune.json + head_and_method.safetensors (only what trained) + report.md."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = trainable_state_dict(result.model)
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.cpu() for k, v in state.items()}, str(tmp))
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    meta = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "labels": result.space.labels,
+        "label_stats": result.space.stats,
+        "fallback_label": result.space.fallback,
+        "pooling": result.model.pooling,
+        "max_len": min(cfg.max_len, base.body.cfg.seq_len),
+        "base": base.info,
+        "data": data_info,
+        "hyperparameters": {k: v for k, v in asdict(cfg).items() if k != "method_options"},
+        "method_options": cfg.method_options.as_dict(),
+        "metrics": result.metrics,
+        "summary": result.summary,
+        "history": result.history,
+    }
+    tmp = out_dir / (FINETUNE_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / FINETUNE_FILE)
+    lines = [
+        "# budgetlm fine-tuning report",
+        "",
+        f"Task `{cfg.task}` with method `{cfg.method}` on base run `{base.info['run']}`.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.summary.items()]
+    lines += ["", "## Data", "", "```json", json.dumps(data_info, indent=2), "```", ""]
+    lines += ["## Validation history", "", "| step | " + " | ".join(result.metrics) + " |", "| --- |" + " --- |" * len(result.metrics)]
+    lines += [f"| {h['step']} | " + " | ".join(f"{h[k]:.4f}" for k in result.metrics) + " |" for h in result.history]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def config_from_args(args) -> FinetuneConfig:
+    targets = tuple(t.strip() for t in (args.lora_targets or "").split(",") if t.strip())
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-len", args.max_len)):
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    return FinetuneConfig(
+        task=args.task, method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
+        dropout=args.dropout, patience=args.patience, budget=args.budget, precision=args.precision, seed=args.seed,
+        pooling=getattr(args, "pooling", "auto"), device=getattr(args, "device", "auto"),
+        method_options=MethodOptions(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
+                                     adapter_size=args.adapter_size, prefix_len=args.prefix_len, seed=args.seed),
+    )  # fmt: skip
+
+
+def finetune_command(args) -> int:
+    from budgetlm.tracking import MetricsLog
+
+    cfg = config_from_args(args)
+    if cfg.budget:
+        from budgetlm.budget import parse_budget
+
+        parse_budget(cfg.budget)  # a bad budget fails before any work
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"output directory {out_dir} exists and is not empty")
+    columns = Columns(text=args.text_column, text2=args.text2_column, label=args.label_column, header=False if args.no_header else None)
+    train_data = read_task_file(args.train, cfg.task, args.format, columns)
+    if args.valid:
+        valid_data = read_task_file(args.valid, cfg.task, args.format, columns)
+        train, valid = train_data.examples, valid_data.examples
+    else:
+        valid_data = None
+        train, valid = split_valid(train_data.examples, cfg.valid_fraction, cfg.seed)
+    base = load_base(args.run, device=resolve_device(cfg.device))
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    for name, data in (("train", train_data), ("valid", valid_data)):
+        if data is not None and data.skipped:
+            log(f"{name}: skipped {data.skipped} malformed row(s)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(out_dir, tensorboard=False)
+    try:
+        result = fit(base, train, valid, cfg, log=log, metrics_log=metrics_log)
+    finally:
+        metrics_log.close()
+    data_info = {
+        "train": str(Path(args.train).resolve()),
+        "valid": str(Path(args.valid).resolve()) if args.valid else None,
+        "format": infer_format(Path(args.train), args.format),
+        "columns": train_data.columns,
+        "train_examples": len(train),
+        "valid_examples": len(valid),
+        "skipped": train_data.skipped + (valid_data.skipped if valid_data else 0),
+    }
+    save_finetuned(out_dir, result, base, cfg, data_info)
+    metric = result.summary["metric"]
+    log(f"done: {result.summary['steps']} steps in {_hms(result.summary['elapsed_s'])} | best val_{metric} {result.metrics[metric]:.4f} | {out_dir}")
+    if args.json:
+        print(json.dumps({"out": str(out_dir), **result.summary}))
+    return 0
+
