@@ -1,0 +1,360 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory (`RUN/checkpoint/`) holding:
+
+    model.safetensors   weights; tied/shared tensors stored once, ties listed in the metadata
+    optimizer.pt        torch.save of the optimizer's state_dict (absent if none was given)
+    rng.pt              python, numpy, torch CPU and (when present) CUDA generator states
+    state.json          the loop's state (step, tokens, clock, data position, lr scale, NaN
+                        counters, ...) plus "format": "budgetlm-ckpt/1"; written last
+    <extra files>       whatever the loop adds (resolved config, tokenizer, ...)
+
+How a save stays atomic. Every file goes into a fresh sibling `checkpoint.tmp-XXXX/` and is
+fsynced, then the directory itself; then `checkpoint/` is renamed to `checkpoint.old/`,
+`checkpoint.tmp-XXXX/` is renamed to `checkpoint/`, the parent directory is fsynced and
+`checkpoint.old/` is deleted. A directory named `checkpoint/` therefore only ever appears
+through a rename of a complete, synced one. A kill at any moment leaves one of:
+- `checkpoint/` (old or new, complete), possibly with a half-written `.tmp-*` or a `.old`;
+- no `checkpoint/` but a complete `checkpoint.old/` (killed between the two renames).
+Loading uses `checkpoint/`, else `checkpoint.old/`, and never writes. The next save first
+repairs the directory: renames `.old` back if `checkpoint/` is missing, then deletes `.old`
+and stale `.tmp-*` siblings.
+
+Only one process may save to a path (rank 0 in a distributed run: DDP replicas are equal).
+RNG states saved are that process's; other ranks reseed from the step (the loop's job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from budgetlm.distributed import unwrap_model
+from budgetlm.errors import UserError
+
+FORMAT = "budgetlm-ckpt/1"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+RESERVED = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
+ALIASES_KEY = "budgetlm.aliases"  # safetensors metadata: {"tied name": "stored name"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# durable file-system steps
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or directory's data and metadata to disk (directories: where supported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open directories; its renames are not fsync-able anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def _repair(path: Path) -> None:
+    """Finish or undo what a killed save left next to `path` (see the module docstring)."""
+    old = _old(path)
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # killed between the two renames: the old checkpoint is the latest
+        _fsync_path(path.parent)
+    elif old.exists():
+        shutil.rmtree(old)
+    for stale in path.parent.glob(_glob_escape(path.name) + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights (safetensors, with tied tensors stored once)
+
+
+def _flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors accepts (each owning its storage, on CPU) and the aliases of tied ones.
+
+    safetensors refuses tensors that share storage. Two names for the very same tensor (tied
+    embeddings) are stored once and recorded as an alias; a tensor that only overlaps another
+    or views part of a larger storage is cloned.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in first and t.numel() > 0:
+            aliases[name] = first[view]
+            continue
+        first[view] = name
+        tensors[name] = t
+    owners = Counter((t.device, t.untyped_storage().data_ptr()) for t in tensors.values() if t.numel() > 0)
+    out = {}
+    for name, t in tensors.items():
+        whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if not whole or owners[(t.device, t.untyped_storage().data_ptr())] > 1:
+            t = t.contiguous().clone()
+        out[name] = t.cpu()
+    return out, aliases
+
+
+def _save_weights_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    tensors, aliases = _flatten_state(state)
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+    _fsync_path(path)
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:  # the Rust reader raises its own error types for every kind of damage
+        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for name, target in aliases.items():
+        if target not in state:
+            raise UserError(f"{path} is corrupt: tied tensor '{name}' points at missing '{target}'")
+        state[name] = state[target]
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `state` into `model`, naming the first tensor that does not fit."""
+    model = unwrap_model(model)
+    expected = model.state_dict()
+    for name, t in expected.items():
+        if name not in state:
+            n = sum(k not in state for k in expected)
+            raise UserError(f"{source} does not match this model: tensor '{name}' is missing from it ({n} missing in all)")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise UserError(
+                f"{source} does not match this model: tensor '{name}' has shape {tuple(state[name].shape)} there but {tuple(t.shape)} in the model"
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise UserError(f"{source} does not match this model: it has tensor '{extra[0]}' that the model lacks ({len(extra)} extra in all)")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)  # copies in place, so ties in the model stay tied
+
+
+def save_weights(path: str | Path, model: nn.Module) -> None:
+    """Write `model`'s weights to one safetensors file, atomically (temp file + rename).
+
+    Tied tensors are stored once (see `load_weights`); DDP/compile wrappers are looked through.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        _save_weights_file(unwrap_model(model).state_dict(), Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load weights written by `save_weights` (or `model.safetensors` of a checkpoint) into `model`."""
+    path = Path(path)
+    _load_into(model, _read_weights_file(path), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# random number generators
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, in a form `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict | None,
+    loop_state: dict,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a complete checkpoint to directory `path`, replacing the previous one atomically.
+
+    `model_state` is the bare model's state_dict (see `distributed.unwrap_model`);
+    `loop_state` must be JSON-serialisable and may not use the key "format". `extra_files`
+    maps plain file names to their bytes. Returns `path`.
+    """
+    path = Path(path)
+    if "format" in loop_state:
+        raise ValueError("loop_state may not use the key 'format'")
+    extra_files = extra_files or {}
+    for name in extra_files:
+        if name in RESERVED or not _SAFE_NAME.match(name) or name in (".", ".."):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+    state_bytes = json.dumps({"format": FORMAT, **loop_state}, indent=1).encode()  # fails before touching disk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _repair(path)
+
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    _save_weights_file(model_state, tmp / MODEL_FILE)
+    if optimizer_state is not None:
+        _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+    _torch_save(rng_state(), tmp / RNG_FILE)
+    for name, data in extra_files.items():
+        _write_bytes(tmp / name, data)
+    _write_bytes(tmp / STATE_FILE, state_bytes)
+    _fsync_path(tmp)
+
+    if path.exists():
+        os.replace(path, _old(path))
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+    if _old(path).exists():
+        shutil.rmtree(_old(path))
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint directory for `path`: itself, or its `.old` twin after a kill."""
+    path = Path(path)
+    for candidate in (path, _old(path)):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    raise UserError(f"no checkpoint at {path}")
+
+
+def read_loop_state(path: str | Path) -> dict:
+    """The loop state stored in a checkpoint, without loading any tensors."""
+    d = find_checkpoint(path)
+    try:
+        state = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {d}: {STATE_FILE} is unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise UserError(f"checkpoint {d} has format {found!r}; this budgetlm reads {FORMAT}")
+    state.pop("format")
+    return state
+
+
+def read_extra_file(path: str | Path, name: str) -> bytes:
+    """One of the `extra_files` saved with a checkpoint."""
+    f = find_checkpoint(path) / name
+    if not f.is_file():
+        raise UserError(f"checkpoint {f.parent} has no {name}")
+    return f.read_bytes()
+
+
+def _torch_load(path: Path, what: str):
+    if not path.is_file():
+        raise UserError(f"checkpoint {path.parent} has no {what} ({path.name})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, ...: all mean a damaged file
+        raise UserError(f"checkpoint {path.parent}: {path.name} is unreadable ({type(e).__name__})") from None
+
+
+def _check_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, d: Path) -> None:
+    # load_state_dict checks group sizes but not tensor shapes: a state from another model with
+    # the same parameter count per group would load and fail later inside the fused kernel.
+    groups = state.get("param_groups", [])
+    if [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise UserError(f"checkpoint {d}: the optimizer state does not match this model's parameter groups")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, per_param in state.get("state", {}).items():
+        if not isinstance(index, int) or index >= len(params):
+            raise UserError(f"checkpoint {d}: the optimizer state does not match this model's parameters")
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[index].shape:
+                raise UserError(
+                    f"checkpoint {d}: optimizer state '{key}' of parameter {index} has shape {tuple(value.shape)} "
+                    f"but the parameter has {tuple(params[index].shape)}"
+                )
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True) -> dict:
+    """Restore weights (and the optimizer and RNG states) from a checkpoint; returns the loop state.
+
+    The optimizer must have been built the same way as the saved one (same parameter groups);
+    its tensors move to the parameters' device. Raises UserError for a missing, damaged or
+    mismatched checkpoint, naming the first tensor that does not fit.
+    """
+    d = find_checkpoint(path)
+    loop_state = read_loop_state(d)
+    _load_into(model, _read_weights_file(d / MODEL_FILE), d / MODEL_FILE)
+    if optimizer is not None:
+        opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
+        _check_optimizer_state(opt_state, optimizer, d)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"checkpoint {d}: the optimizer state does not match this model's parameters ({e})") from None
+    if restore_rng:
+        set_rng_state(_torch_load(d / RNG_FILE, "random generator states"))
+    return loop_state
