@@ -168,7 +168,7 @@ def encode_examples(tokenizer, objective: str, task: str, examples: list, max_le
     `label_index` None (or an example without a label) gives `label=None`, for prediction input."""
     out = []
     for ex in examples:
-        has_label = ex.label is not None and (label_index is not None or task == "regress")
+        has_label = ex.label is not None and (label_index is not None or (task == "regress" and stats is not None))
         if task == "tag":
             ids, starts = encode_words(tokenizer, objective, ex.text, max_len)
             label = [label_index[t] for t in ex.label] if has_label and label_index is not None else None
