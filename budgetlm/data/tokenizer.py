@@ -20,6 +20,7 @@ not go through `budgetlm data prepare` (a prompt, a fine-tuning file) is normali
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -57,6 +58,9 @@ class Tokenizer:
     def __init__(self, hf_tokenizer, json_text: str | None = None):
         self._tok = hf_tokenizer
         self._json = json_text if json_text is not None else hf_tokenizer.to_str()
+        # text that happens to contain "<|endoftext|>" or "[SEP]" is encoded as those characters,
+        # never as the special token: a document must not be able to forge a separator
+        hf_tokenizer.encode_special_tokens = True
         vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
         if "<|endoftext|>" in vocab:
             self.kind = "bpe"
@@ -254,8 +258,17 @@ def train_tokenizer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
             initial_alphabet=BASE_ALPHABET, continuing_subword_prefix="##", show_progress=show_progress,
         )  # fmt: skip
+        texts = itertools.chain([_WORDPIECE_ALPHABET_TEXT], texts)
     tok.train_from_iterator(_nonempty(texts), trainer=trainer)
     return Tokenizer(tok)
+
+
+# WordPiece needs each letter twice: as a word start ("a") and as a continuation ("##a"); the
+# trainer only creates the forms it sees, so the base alphabet alone would leave "ASCII" as
+# [UNK] after training on lowercase text. One-character words give the start forms and "▁x"
+# words (a space, then x) the continuation forms, without adding any pair that repeats.
+_ALNUM = [c for c in BASE_ALPHABET if c.isalnum()]
+_WORDPIECE_ALPHABET_TEXT = "\n".join(_ALNUM) + "\n " + " ".join(_ALNUM)
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:
