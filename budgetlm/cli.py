@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--adapter-size", type=int, default=64)
     ft.add_argument("--prefix-len", type=int, default=16)
     ft.add_argument("--dropout", type=float, default=0.1)
+    ft.add_argument("--pooling", default="auto", choices=["auto", "last", "mean", "first"], help="auto: last token (causal), mean (masked)")
     ft.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     ft.add_argument("--budget", help="stop after this wall-clock/steps budget")
     ft.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -156,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--tasks", help="comma-separated subset of tasks")
     su.add_argument("--method", default="full", choices=["full", "lora", "adapter", "prefix"])
     su.add_argument("--baseline", action="store_true", help="also fine-tune a randomly initialised body")
-    su.add_argument("--budget", help="budget per fine-tuning run")
+    su.add_argument("--budget", help="budget per fine-tuning run (default: 60s)")
+    su.add_argument("--max-train", type=int, default=4000, help="training examples per task and seed (subsampled)")
+    su.add_argument("--max-test", type=int, default=1000, help="test examples per task (a fixed split)")
+    su.add_argument("--epochs", type=float, default=3)
+    su.add_argument("--lr", type=float, help="peak learning rate (default depends on the method)")
+    su.add_argument("--batch-size", type=int, default=32)
     su.add_argument("--json", action="store_true")
     return p
 
