@@ -141,3 +141,17 @@ def test_tokenizer_mismatch_is_detected(files, tmp_path, capsys):
     (big / "config.yaml").write_text(yaml.safe_dump(data))
     code = _finetune(big, tmp_path / "o5", "--train", str(files / "cls.csv"))
     assert code == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_masked_body_and_step_budget(files, tmp_path, capsys):
+    run = make_tiny_run(tmp_path / "masked", "masked")
+    for name, task in (("cls.csv", "classify"), ("ner.conll", "tag")):
+        out = tmp_path / f"ft-{task}"
+        assert _finetune(run, out, "--train", str(files / name), "--task", task, "--budget", "steps:2", "--json") == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["steps"] == 2
+        meta = json.loads((out / "finetune.json").read_text())
+        assert meta["base"]["objective"] == "masked" and meta["pooling"] == "mean"
+        assert main(["predict", str(out), "--input", str(files / name)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == (40 if task == "classify" else 30 * 7 - 1)  # csv rows; conll: 6 words + blank per sentence
