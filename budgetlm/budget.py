@@ -14,8 +14,9 @@ What the clock counts (wall-clock budgets):
 - Time inside `with clock.paused():` is not counted. The training loop does not use it for
   evaluation; it exists for callers that deliberately exclude work (a benchmark harness,
   modded-nanogpt-style untimed validation).
-- `reserve` (a fraction of the limit) is kept back for the final evaluation and save: progress
-  reaches 1.0 at `limit * (1 - reserve)` of counted time.
+- `reserve` (a fraction of the limit) is kept back for the final evaluation and save, or the
+  measured cost of those (`expect_tail`) when larger: progress reaches 1.0 at
+  `limit - max(limit * reserve, tail)` of counted time.
 - On resume, counting continues from the elapsed time stored in the last checkpoint. Time
   between that checkpoint and the kill is lost: it is neither counted nor trained on again
   (the loop re-trains those steps from the checkpoint, on the clock).
@@ -124,6 +125,7 @@ class Clock:
         self.step_time: float | None = None  # EMA of seconds per optimizer step
         self._steps_seen = 0  # steps measured since start() (the first one is warm-up)
         self._provisional = False  # step_time holds only the warm-up step's duration
+        self.tail_seconds = 0.0  # measured cost of the final evaluation and save (expect_tail)
 
     # -- counting ---------------------------------------------------------------------------
 
@@ -203,8 +205,19 @@ class Clock:
 
     @property
     def usable_seconds(self) -> float:
-        """Seconds of training a wall-clock budget allows (limit minus reserve)."""
-        return self.budget.limit * (1.0 - self.reserve)
+        """Seconds of training a wall-clock budget allows: the limit minus what the run must
+        keep for its end, the larger of `reserve` and the measured `tail_seconds`."""
+        return self.budget.limit - max(self.budget.limit * self.reserve, self.tail_seconds)
+
+    def expect_tail(self, seconds: float) -> None:
+        """Set the measured cost of what follows the last step (final evaluation and save).
+
+        A fixed reserve is either wasteful on long budgets or too small on short ones; the loop
+        measures an evaluation and a checkpoint save and tells the clock, so the run ends on
+        time (it can never claim more than half the budget).
+        """
+        if self.budget.kind == "time":
+            self.tail_seconds = min(max(0.0, float(seconds)), 0.5 * self.budget.limit)
 
     def progress(self, tokens: int = 0, steps: int = 0) -> float:
         """Budget progress in [0, 1]: elapsed/usable time, tokens/limit or steps/limit."""
@@ -239,7 +252,13 @@ class Clock:
 
     def state_dict(self) -> dict:
         """JSON-ready state for a checkpoint: counted seconds so far and the step-time estimate."""
-        return {"elapsed": self.elapsed(), "step_time": self.step_time, "budget": str(self.budget), "reserve": self.reserve}
+        return {
+            "elapsed": self.elapsed(),
+            "step_time": self.step_time,
+            "tail": self.tail_seconds,
+            "budget": str(self.budget),
+            "reserve": self.reserve,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint: counted time resumes from the stored elapsed seconds.
@@ -255,5 +274,6 @@ class Clock:
         self._step_mark = self._banked
         self._overhead = 0.0
         self.step_time = state.get("step_time")
+        self.tail_seconds = float(state.get("tail", 0.0))
         self._steps_seen = 0
         self._provisional = False

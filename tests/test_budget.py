@@ -166,3 +166,26 @@ def test_resume_continues_elapsed():
 def test_bad_reserve():
     with pytest.raises(UserError):
         Clock(Budget("time", 10.0), reserve=1.0)
+
+
+def test_measured_tail_replaces_a_too_small_reserve():
+    """A final evaluation + save measured at 2.5 s is kept free even though 5% of 10 s is 0.5 s."""
+    ft = FakeTime()
+    clock = Clock(Budget("time", 10.0), reserve=0.05, time_fn=ft)
+    assert clock.usable_seconds == pytest.approx(9.5)
+    clock.expect_tail(2.5)
+    assert clock.usable_seconds == pytest.approx(7.5)
+    assert _run(clock, ft, [1.0]) == 7
+    clock.expect_tail(0.1)  # smaller than the reserve: the reserve wins
+    assert clock.usable_seconds == pytest.approx(9.5)
+    clock.expect_tail(1e9)  # never more than half the budget
+    assert clock.usable_seconds == pytest.approx(5.0)
+
+
+def test_tail_survives_resume():
+    ft = FakeTime()
+    clock = Clock(Budget("time", 10.0), time_fn=ft)
+    clock.expect_tail(3.0)
+    resumed = Clock(Budget("time", 10.0), time_fn=ft)
+    resumed.load_state_dict(clock.state_dict())
+    assert resumed.usable_seconds == pytest.approx(7.0)

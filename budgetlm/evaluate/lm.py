@@ -1,0 +1,109 @@
+"""Language-model evaluation: validation loss, perplexity and bits per byte on fixed held-out tokens.
+
+Bits per byte (nanochat's headline metric) does not depend on the vocabulary, so runs with
+different tokenizers compare: bpb = loss_nats_per_token / ln 2 * tokens_per_byte, with tokens per
+byte of the validation split taken from the data manifest. Masked models report the masked-token
+loss (bits per byte is only defined for the causal objective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from budgetlm.errors import UserError
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module,
+    data,  # budgetlm.data.dataset.PreparedData
+    *,
+    objective: str,
+    seq_len: int,
+    n_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    mlm_rate: float = 0.15,
+    seed: int = 0,
+) -> dict:
+    """Mean loss over the first `n_tokens` of the validation split (the same tokens every call)."""
+    from budgetlm.data.loader import val_batches
+    from budgetlm.data.masking import mask_tokens
+
+    tokens = data.tokens("val")
+    window = seq_len + 1
+    n_tokens = min(n_tokens, (len(tokens) // window) * window)
+    if n_tokens < window:
+        raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of {window}")
+    tok = data.tokenizer
+    generator = torch.Generator().manual_seed(seed)  # same masks every evaluation
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for w in val_batches(tokens, seq_len, n_tokens, batch_size):
+        if objective == "causal":
+            x, y = w[:, :-1], w[:, 1:]
+        else:
+            x, y = mask_tokens(
+                w[:, :-1], mask_id=tok.mask_id, vocab_size=tok.vocab_size, rate=mlm_rate, special_ids=tok.special_ids, generator=generator
+            )
+        n = int((y != -100).sum())
+        if n == 0:
+            continue
+        with autocast():
+            loss = model(x.to(device), y.to(device))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    out = {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": count}
+    if objective == "causal":
+        out["val_bpb"] = mean / math.log(2) / data.bytes_per_token("val")
+    return out
+
+
+def eval_command(args) -> int:
+    from budgetlm.data.dataset import PreparedData
+    from budgetlm.run import load_run, resolve_device, write_json
+
+    device = resolve_device("auto")
+    run = load_run(args.run, device)
+    cfg = run.config
+    data_dir = args.data or cfg.data
+    if not data_dir:
+        raise UserError("the run does not name its data directory; pass --data DIR")
+    data = PreparedData(data_dir)
+    if data.tokenizer.sha256 != run.tokenizer.sha256:
+        raise UserError(f"tokenizer mismatch: {data_dir} was prepared with another tokenizer than run {args.run}")
+    autocast = contextlib.nullcontext
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    metrics = evaluate_lm(
+        run.model,
+        data,
+        objective=cfg.model.objective,
+        seq_len=cfg.model.seq_len,
+        n_tokens=args.tokens or cfg.train.eval_tokens,
+        batch_size=max(1, 8192 // cfg.model.seq_len),
+        device=device,
+        autocast=autocast,
+        mlm_rate=cfg.train.mlm_rate,
+    )
+    metrics["data"] = str(Path(data_dir).resolve())
+    if not args.data:
+        write_json(Path(args.run) / "eval.json", metrics)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        parts = [f"val_loss {metrics['val_loss']:.4f}", f"ppl {metrics['val_ppl']:.2f}"]
+        if "val_bpb" in metrics:
+            parts.append(f"bits/byte {metrics['val_bpb']:.4f}")
+        print(f"{args.run}: " + "  ".join(parts) + f"  ({metrics['val_tokens']} tokens)")
+    return 0
