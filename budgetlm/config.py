@@ -57,7 +57,7 @@ class ModelConfig:
 @dataclass
 class PrepareConfig:
     tokenizer: str = opt("bpe", "tokenizer to train: byte-level BPE (causal) or WordPiece (masked)", ("bpe", "wordpiece"))
-    tokenizer_file: str = opt("", "reuse this tokenizer.json instead of training one")
+    tokenizer_file: str = opt("", "reuse this tokenizer.json instead of training one (its kind and vocabulary win over tokenizer/vocab_size)")
     vocab_size: int = opt(0, "vocabulary size to train; 0 = chosen from the corpus size")
     lowercase: bool = opt(False, "lowercase all text")
     normalization: str = opt("NFC", "Unicode normal form applied to every document", ("NFC", "NFKC", "none"))

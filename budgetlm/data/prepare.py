@@ -206,7 +206,7 @@ def _get_tokenizer(files, cfg: PrepareConfig, est_bytes: int, show: bool) -> Tok
             seen[0] += 1
             yield t
 
-    kw = dict(normalization=cfg.normalization, lowercase=cfg.lowercase)
+    kw = dict(normalization=cfg.normalization, lowercase=cfg.lowercase, show_progress=show)
     tok = train_tokenizer(cfg.tokenizer, counted(_sample_texts(files, cfg, est_bytes, show, include_val=False)), vocab, **kw)
     if seen[0] == 0:  # every document fell in validation (a tiny corpus): train on all of them
         tok = train_tokenizer(cfg.tokenizer, counted(_sample_texts(files, cfg, est_bytes, show, include_val=True)), vocab, **kw)
