@@ -435,9 +435,15 @@ def finetune_command(args) -> int:
         from budgetlm.budget import parse_budget
 
         parse_budget(cfg.budget)  # a bad budget fails before any work
+    autocast_for(cfg.precision, resolve_device(cfg.device))  # an impossible precision fails before any work
     out_dir = Path(args.out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} is a file")
+    # a directory left by an attempt that failed before saving (only its metrics log) may be reused
+    leftovers = {p.name for p in out_dir.iterdir()} - {"metrics.jsonl"} if out_dir.is_dir() else set()
+    if leftovers:
         raise UserError(f"output directory {out_dir} exists and is not empty")
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     columns = Columns(text=args.text_column, text2=args.text2_column, label=args.label_column, header=False if args.no_header else None)
     train_data = read_task_file(args.train, cfg.task, args.format, columns)
     if args.valid:
