@@ -155,3 +155,10 @@ def test_masked_body_and_step_budget(files, tmp_path, capsys):
         assert main(["predict", str(out), "--input", str(files / name)]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == (40 if task == "classify" else 30 * 7 - 1)  # csv rows; conll: 6 words + blank per sentence
+
+
+def test_run_whose_tokenizer_is_not_its_datas_is_refused(files, tmp_path, capsys):
+    run = make_tiny_run(tmp_path / "run")
+    (run / "data.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    msg = _one_error_line(capsys, _finetune(run, tmp_path / "out", "--train", str(files / "cls.csv")))
+    assert "not the one its data was prepared with" in msg

@@ -31,7 +31,7 @@ FORMATS = ("csv", "tsv", "jsonl", "conll", "tagged")
 DEFAULT_NAMES = {
     "text": ("text", "sentence", "sentence1", "question", "premise", "review", "tokens", "words"),
     "text2": ("text2", "sentence2", "hypothesis", "passage", "text_b"),
-    "label": ("label", "labels", "score", "target", "tags", "y"),
+    "label": ("label", "labels", "score", "target", "tags"),
 }
 
 csv.field_size_limit(1 << 24)  # long reviews exceed the 128 KiB default
