@@ -318,3 +318,19 @@ def test_killed_process_leaves_no_manifest(formats, tmp_path):
     assert not (out / "manifest.json").exists()
     with pytest.raises(UserError):
         PreparedData(out)
+
+
+def test_txt_without_blank_lines_is_still_cut_so_memory_stays_bounded(tmp_path):
+    from budgetlm.data.sources import InputFile
+
+    one_line = "".join(chr(ord("a") + i % 26) for i in range(5000))
+    lines = "\n".join(f"line {i} " + "x" * 40 for i in range(200))
+    for name, text in (("one.txt", one_line), ("lines.txt", lines)):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    c = cfg(txt_document_chars=100)
+    f = InputFile(tmp_path / "one.txt", "txt", "", 5000, True)
+    docs = list(iter_documents([f], c, ReadStats()))
+    assert max(len(d) for d in docs) <= 800 and "".join(docs) == one_line  # hard cuts lose nothing
+    f = InputFile(tmp_path / "lines.txt", "txt", "", len(lines), True)
+    docs = list(iter_documents([f], c, ReadStats()))
+    assert len(docs) > 5 and max(len(d) for d in docs) <= 800 and "\n".join(docs) == lines  # cut at line ends

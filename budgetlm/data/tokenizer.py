@@ -9,9 +9,9 @@ Two kinds, matching the two model objectives:
   own set-up throws whitespace away; ours keeps it so the round trip is exact: spaces are
   attached to the next word as ``▁`` (Metaspace, as in SentencePiece), other whitespace
   characters (newline, tab) and punctuation are single-character words, and the decoder
-  glues pieces back without inserting spaces. The two things that do not round-trip are
-  characters never seen when training (plus printable ASCII, always in the alphabet), which
-  become [UNK], and a literal ``▁`` (U+2581) in the text, which decodes as a space.
+  glues pieces back without inserting spaces. What does not round-trip: characters never seen
+  when training (printable ASCII is always in the alphabet) and "words" longer than 1000
+  characters (a base64 blob) become [UNK], and a literal ``▁`` (U+2581) decodes as a space.
 
 The normaliser (Unicode form, lowercasing) is stored inside tokenizer.json, so text that did
 not go through `budgetlm data prepare` (a prompt, a fine-tuning file) is normalised the same way.
