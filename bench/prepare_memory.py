@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -106,15 +107,20 @@ def run_measured(cmd: list[str]) -> dict:
             done.wait(0.2)
 
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     done.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak[0] / 2**20, 1), "summary": json.loads(out)}
+    # CPU seconds of the command and every process it waited for (the pool workers): unlike wall
+    # time, this does not depend on what else the shared machine was running
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "peak_rss_mb": round(peak[0] / 2**20, 1), "summary": json.loads(out)}
 
 
 def device_info() -> dict:
@@ -174,8 +180,9 @@ def main() -> None:
     results["load_average_end"] = os.getloadavg()
     for run in results["runs"]:
         s = run.pop("summary")
-        run.update(mb_per_s=round(run["input_mb"] / run["seconds"], 2), workers=s["workers"], documents=s["documents"], tokens=s["tokens"],
-                   skipped={k: v for k, v in s["skipped"].items() if v})  # fmt: skip
+        run["mb_per_s"] = round(run["input_mb"] / run["seconds"], 2)
+        run["mb_per_cpu_s"] = round(run["input_mb"] / max(run["cpu_seconds"], 1e-9), 2)
+        run.update(workers=s["workers"], documents=s["documents"], tokens=s["tokens"], skipped={k: v for k, v in s["skipped"].items() if v})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -191,14 +198,16 @@ def markdown(res: dict) -> str:
         f"Device: {d['cpu']}, {d['cores']} cores, {d['memory_gb']} GB RAM ({d['os']}).",
         f"Versions: Python {v['python']}, budgetlm {v['budgetlm']}, tokenizers {v['tokenizers']}, numpy {v['numpy']}.",
         f"Text: {res['source']}. Load average (1/5/15 min) at start {tuple(round(x, 1) for x in res['load_average_start'])}, "
-        f"at end {tuple(round(x, 1) for x in res['load_average_end'])}: the machine was shared, so MB/s is a floor.",
+        f"at end {tuple(round(x, 1) for x in res['load_average_end'])}: the machine was shared, so wall-clock MB/s is a floor; "
+        "MB per CPU second (all processes of the command) does not depend on the sharing.",
         "",
-        "| run | input MB | wall s | MB/s | workers | peak RSS MB (all processes) | train tokens | val tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | input MB | wall s | MB/s | CPU s | MB per CPU s | workers | peak RSS MB (all processes) | train tokens | val tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["runs"]:
-        lines.append(f"| {r['name']} | {r['input_mb']} | {r['seconds']} | {r['mb_per_s']} | {r['workers']} | {r['peak_rss_mb']} | "
-                     f"{r['tokens']['train']:,} | {r['tokens']['val']:,} |")  # fmt: skip
+        cells = [r["name"], r["input_mb"], r["seconds"], r["mb_per_s"], r["cpu_seconds"], r["mb_per_cpu_s"], r["workers"], r["peak_rss_mb"]]
+        cells += [f"{r['tokens']['train']:,}", f"{r['tokens']['val']:,}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "Commands (`python -m budgetlm ...`; paths are temporary):", ""]
     lines += [f"- `{r['command']}`" for r in res["runs"]]
     lines += ["", "Reproduce: `python bench/prepare_memory.py` (writes this file and prepare_memory.json).", ""]
