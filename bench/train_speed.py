@@ -1,0 +1,280 @@
+"""Training speed of budgetlm's Transformer against Hugging Face `LlamaForCausalLM`, side by side.
+
+Same sizes, same batch, same precision, same optimizer (fused AdamW: the default `optim` of the
+Hugging Face Trainer on torch >= 2.8, and what budgetlm's optim.py builds), same weights (copied
+through budgetlm.hf_names, and checked to give the same logits). One timed step is forward +
+backward + optimizer step + zero_grad. Hugging Face computes its loss the way its users call it,
+`model(input_ids=x, labels=x)` (it shifts internally); budgetlm gets the shifted window.
+
+Honest timing (DESIGN.md section 5): warm-up steps (and torch.compile's compilation) are untimed
+but reported; the variants are interleaved step by step through every repeat so a noisy
+neighbour slows all of them alike; we report the median and the best wall time per step and the
+median process CPU time per step (CPU time barely moves when other processes share the cores,
+so it is the steadiest ratio on a shared machine). MFU = flops_per_token x tokens/s / peak, with
+FLOPs = 6N + 12 L C T (model.flops_per_token) and the peak measured with a large matmul on a CPU
+(in the same dtype) or taken from the datasheet table on a GPU (budgetlm.hardware).
+
+    python bench/train_speed.py                                     # CPU: fp32 and bf16 autocast, eager and compiled
+    python bench/train_speed.py --device cuda --dtype bf16 --compile --configs gpt2-124m
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from budgetlm.config import ModelConfig  # noqa: E402
+from budgetlm.hardware import measure_matmul_flops, peak_flops  # noqa: E402
+from budgetlm.hf_names import llama_config_kwargs, to_hf_llama_state_dict  # noqa: E402
+from budgetlm.model import Transformer  # noqa: E402
+
+# name -> (model sizes, micro-batch in sequences)
+CONFIGS = {
+    "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192), 8),
+    "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192), 4),
+    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257), 16),
+}
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})"
+
+
+class Variant:
+    """One model + optimizer + step function, timed over many interleaved steps."""
+
+    def __init__(self, name, model, step_fn, optimizer):
+        self.name, self.model, self.step_fn, self.optimizer = name, model, step_fn, optimizer
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.warmup_s = 0.0
+
+    def step(self, device: torch.device) -> None:
+        loss = self.step_fn()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def build_variants(cfg: ModelConfig, batch: int, device: torch.device, dtype: str, compile_ours: bool, compile_hf: bool, eager: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ours = Transformer.build(cfg, device)
+    hf = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(cfg), attn_implementation="sdpa")).to(device)
+    hf.load_state_dict(to_hf_llama_state_dict(ours), strict=False)
+    window = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=device)
+    x, y = window[:, :-1], window[:, 1:]
+    with torch.no_grad():  # same weights, same function: the comparison is of implementations only
+        diff = (ours(x[:1]) - hf(input_ids=x[:1]).logits.float()).abs().max().item()
+    assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+
+    def make(name, model, call):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+        def step_fn():
+            with autocast():
+                return call(model)
+
+        return Variant(name, model, step_fn, opt)
+
+    variants = []
+    ours_call = lambda m: m(x, y)
+    hf_call = lambda m: m(input_ids=x, labels=x).loss
+    if eager:
+        variants.append(make("budgetlm", ours, ours_call))
+        variants.append(make("hf", hf, hf_call))
+    if compile_ours:
+        # a second copy so eager and compiled rows do not share optimizer state
+        torch.manual_seed(0)
+        twin = Transformer.build(cfg, device)
+        variants.append(make("budgetlm+compile", torch.compile(twin), ours_call))
+    if compile_hf:
+        variants.append(make("hf+compile", torch.compile(hf), hf_call))
+    return variants
+
+
+def measure_config(name: str, args, device: torch.device, dtype: str, peak: float) -> list[dict]:
+    sizes, batch = CONFIGS[name]
+    cfg = ModelConfig(**sizes)
+    batch = args.batch or batch
+    variants = build_variants(cfg, batch, device, dtype, args.compile, args.compile_hf, not args.no_eager)
+    for v in variants:  # untimed: first-call allocations, oneDNN primitive caches, compilation
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            v.step(device)
+        v.warmup_s = time.perf_counter() - start
+    for _ in range(args.repeats):
+        for _ in range(args.steps):
+            for v in variants:  # interleaved step by step: shared-machine noise hits every variant alike
+                w0, c0 = time.perf_counter(), time.process_time()
+                v.step(device)
+                v.wall.append(time.perf_counter() - w0)
+                v.cpu.append(time.process_time() - c0)
+
+    with torch.device("meta"):  # FLOPs and parameter count from the config alone
+        reference = Transformer(cfg)
+    flops_per_token = reference.flops_per_token(cfg.seq_len)
+    tokens = batch * cfg.seq_len
+    hf_row = next((v for v in variants if v.name == "hf"), None)
+    hf_median = statistics.median(hf_row.wall) if hf_row else None
+    hf_cpu = statistics.median(hf_row.cpu) if hf_row else None
+    rows = []
+    for v in variants:
+        median, best, cpu = statistics.median(v.wall), min(v.wall), statistics.median(v.cpu)
+        tps = tokens / median
+        rows.append(
+            dict(
+                config=name,
+                params=reference.num_params(),
+                n_layer=cfg.n_layer,
+                n_embd=cfg.n_embd,
+                seq_len=cfg.seq_len,
+                batch=batch,
+                vocab_size=cfg.vocab_size,
+                dtype=dtype,
+                variant=v.name,
+                steps_timed=len(v.wall),
+                warmup_steps=args.warmup,
+                warmup_s=round(v.warmup_s, 2),
+                step_ms_median=round(1000 * median, 1),
+                step_ms_best=round(1000 * best, 1),
+                cpu_ms_median=round(1000 * cpu, 1),
+                tokens_per_s=round(tps, 1),
+                mfu=round(flops_per_token * tps / peak, 4),
+                speedup_vs_hf=round(hf_median / median, 3) if hf_median else None,
+                speedup_vs_hf_best=round(min(hf_row.wall) / best, 3) if hf_row else None,
+                speedup_vs_hf_cpu_time=round(hf_cpu / cpu, 3) if hf_cpu else None,
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    del variants
+    return rows
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    peaks = ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s ({result['peak_source'][k]})" for k, v in result["peak"].items())
+    lines = [
+        "# Training speed: budgetlm vs Hugging Face LlamaForCausalLM",
+        "",
+        f"- device: {env['device']}",
+        f"- torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}; load average before/after: {env['load_before']} / {env['load_after']}",
+        f"- peak used for MFU: {peaks}",
+        "",
+        "One step = forward + backward + fused AdamW step on one micro-batch; same sizes, batch, precision, optimizer and",
+        "weights for both. Step times are medians over interleaved repeats (best in brackets); speed-up = HF step time /",
+        "this row's step time (wall median; by best wall time; by median process CPU time).",
+        "",
+        "| config | params | seq x batch | dtype | variant | step ms (best) | CPU ms | tokens/s | MFU | vs HF (best, CPU) | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        vs = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x ({r['speedup_vs_hf_best']:.2f}x, {r['speedup_vs_hf_cpu_time']:.2f}x)"
+        lines.append(
+            f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | {r['dtype']} | {r['variant']} | "
+            f"{r['step_ms_median']:.0f} ({r['step_ms_best']:.0f}) | {r['cpu_ms_median']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {vs} | {r['warmup_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="fp32, bf16 autocast, or both")
+    p.add_argument("--configs", default="cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
+    p.add_argument("--batch", type=int, default=0, help="micro-batch in sequences (default: per config)")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile'd budgetlm row")
+    p.add_argument("--compile-hf", action="store_true", help="add a torch.compile'd Hugging Face row")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager rows (compile only)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. bench/results/train_speed)")
+    args = p.parse_args(argv)
+
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    load_before = load_average()
+    peaks, sources = {}, {}
+    for dtype in dtypes:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        if device.type == "cpu":  # best of three so a busy moment does not flatter the MFU
+            peaks[dtype] = max(measure_matmul_flops(device, torch_dtype, n=2048, seconds=1.0) for _ in range(3))
+            sources[dtype] = f"measured {dtype} 2048^3 matmul, best of 3"
+        else:
+            peaks[dtype], sources[dtype] = peak_flops(device, torch_dtype)
+    rows = []
+    for dtype in dtypes:
+        for name in args.configs.split(","):
+            rows += measure_config(name.strip(), args, device, dtype, peaks[dtype])
+    result = dict(
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        environment=dict(
+            device=device_name(device),
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            python=platform.python_version(),
+            load_before=load_before,
+            load_after=load_average(),
+        ),
+        peak=peaks,
+        peak_source=sources,
+        rows=rows,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
