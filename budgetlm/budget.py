@@ -277,3 +277,9 @@ class Clock:
         self.tail_seconds = float(state.get("tail", 0.0))
         self._steps_seen = 0
         self._provisional = False
+
+
+def hms(seconds: float) -> str:
+    """`H:MM:SS` for progress lines."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

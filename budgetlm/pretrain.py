@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from budgetlm import checkpoint as ckpt
-from budgetlm.budget import Clock, parse_budget
+from budgetlm.budget import Clock, hms, parse_budget
 from budgetlm.config import RunConfig, apply_overrides, load_recipe, save_config
 from budgetlm.data.dataset import PreparedData
 from budgetlm.data.loader import TrainBatches
@@ -337,10 +337,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, devic
                 progress = clock.progress(tokens=state.tokens, steps=state.step)
                 metrics.log("train", state.step, loss=loss_val, lr=lr, tokens=state.tokens, tokens_per_s=tps, mfu=mfu,
                             grad_norm=grad_norm, elapsed=clock.elapsed(), progress=progress, batch_seqs=accum * micro * dist.world_size)  # fmt: skip
-                left = f", {_hms(clock.remaining())} left" if clock.budget.kind == "time" else ""
+                left = f", {hms(clock.remaining())} left" if clock.budget.kind == "time" else ""
                 print0(
                     f"step {state.step:6d} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%} | "
-                    f"{_hms(clock.elapsed())} elapsed{left} ({progress:.0%} of budget)"
+                    f"{hms(clock.elapsed())} elapsed{left} ({progress:.0%} of budget)"
                 )
             if cfg.train.eval_every > 0 and progress >= state.next_eval:
                 with clock.overhead():
@@ -385,7 +385,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, devic
         metrics.log("event", state.step, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
     metrics.close()
     print0(
-        f"done: {state.step} steps, {state.tokens:,} tokens in {_hms(clock.elapsed())} | val_loss {val['val_loss']:.4f}"
+        f"done: {state.step} steps, {state.tokens:,} tokens in {hms(clock.elapsed())} | val_loss {val['val_loss']:.4f}"
         + (f" | bits/byte {val['val_bpb']:.4f}" if "val_bpb" in val else "")
         + f" | report {run_dir / 'report.md'}"
     )
@@ -440,7 +440,8 @@ def _gather(obj, dist: DistInfo) -> list:
 
 @torch.no_grad()
 def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: torch.device, n: int = 2, new_tokens: int = 64) -> list[tuple[str, str]]:
-    """A few continuations of held-out text, for the report."""
+    """A few continuations of held-out text, for the report: each prompt is the first 12 tokens of
+    a validation document (found after a separator), so it starts where a text starts."""
     from budgetlm.generate import generate
 
     tok = data.tokenizer
@@ -448,17 +449,17 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
     out = []
     for i in range(n):
         start = i * max(1, len(val) // n)
-        ids = [int(t) for t in val.get(start, 12) if int(t) not in tok.special_ids] or [tok.eos_id]
+        window = [int(t) for t in val.get(start, min(4096, len(val) - start))]
+        seps = [j for j, t in enumerate(window) if t == tok.eos_id]
+        if seps and i > 0:  # the first sample starts at the split's first document already
+            start += seps[0] + 1
+        ids = [int(t) for t in val.get(start, min(12, len(val) - start)) if int(t) not in tok.special_ids] or [tok.eos_id]
         idx = torch.tensor([ids], device=device)
         gen = torch.Generator(device=device).manual_seed(i)
         new = generate(model, idx, new_tokens, temperature=0.8, top_k=50, generator=gen)
         out.append((tok.decode(ids), tok.decode(new[0, len(ids):].tolist())))
     return out
 
-
-def _hms(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------

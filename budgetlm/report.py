@@ -81,8 +81,9 @@ def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots] or ["(matplotlib not installed)"]
     if samples:
         lines += ["", "## Samples", ""]
+        lines += ["The start of a held-out document (up to the `▌`), then the model's continuation (64 tokens, temperature 0.8, top-k 50).", ""]
         for prompt, text in samples:
-            lines += [f"Prompt: `{prompt}`", "", "```", prompt + text, "```", ""]
+            lines += ["```", prompt + "▌" + text, "```", ""]
     lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
     lines += [
         "## What the clock counts",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from budgetlm.budget import hms
 from budgetlm.errors import UserError
 from budgetlm.evaluate.metrics import main_metric, task_metrics
 from budgetlm.finetune.heads import TaskModel, collate, encode_examples, set_body_dropout
@@ -191,10 +192,6 @@ def split_valid(examples: list[Example], fraction: float, seed: int) -> tuple[li
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def _hms(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
 
 @dataclass
 class Result:
@@ -312,10 +309,10 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
                 eps = window_examples / max(now - window_start, 1e-9)
                 window_start, window_examples = now, 0
                 elapsed = time.monotonic() - start
-                left = f", {_hms(clock.remaining())} left" if clock and clock.budget.kind == "time" else ""
+                left = f", {hms(clock.remaining())} left" if clock and clock.budget.kind == "time" else ""
                 log(
                     f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {eps:,.0f} ex/s | "
-                    f"{_hms(elapsed)} elapsed{left} ({progress:.0%} of budget)"
+                    f"{hms(elapsed)} elapsed{left} ({progress:.0%} of budget)"
                 )
                 if metrics_log:
                     metrics_log.log("train", step, loss=loss.item(), lr=lr, examples_per_s=eps, elapsed=elapsed, progress=progress)
@@ -474,7 +471,7 @@ def finetune_command(args) -> int:
     }
     save_finetuned(out_dir, result, base, cfg, data_info)
     metric = result.summary["metric"]
-    log(f"done: {result.summary['steps']} steps in {_hms(result.summary['elapsed_s'])} | best val_{metric} {result.metrics[metric]:.4f} | {out_dir}")
+    log(f"done: {result.summary['steps']} steps in {hms(result.summary['elapsed_s'])} | best val_{metric} {result.metrics[metric]:.4f} | {out_dir}")
     if args.json:
         print(json.dumps({"out": str(out_dir), **result.summary}))
     return 0
