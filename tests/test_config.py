@@ -66,7 +66,7 @@ def test_builtin_recipes_load_and_differ_from_defaults():
     gpt = load_recipe("gpt-124m-1gpu")
     assert (gpt.model.n_layer, gpt.model.n_head, gpt.model.n_embd, gpt.model.seq_len) == (12, 12, 768, 1024)
     demo = load_recipe("cpu-demo")
-    assert demo.model == ModelConfig() and demo.budget.limit == "240s" and demo.train != RunConfig().train
+    assert demo.model != ModelConfig() and demo.budget.limit == "240s" and demo.train != RunConfig().train
 
 
 def test_recipe_file_errors(tmp_path):
