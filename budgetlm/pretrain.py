@@ -385,7 +385,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, devic
         metrics.log("event", state.step, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
     metrics.close()
     print0(
-        f"done: {state.step} steps, {state.tokens:,} tokens in {hms(clock.elapsed())} | val_loss {val['val_loss']:.4f}"
+        f"done: {state.step} steps, {state.tokens:,} tokens in {hms(summary['elapsed_s'])} | val_loss {val['val_loss']:.4f}"
         + (f" | bits/byte {val['val_bpb']:.4f}" if "val_bpb" in val else "")
         + f" | report {run_dir / 'report.md'}"
     )
