@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# the run starts afresh each time (pretrain refuses to overwrite a run); prepared data is reused
 demo: venv
 	$(BUDGETLM) data prepare "$$($(BUDGETLM) data fetch shakespeare)" --out $(DEMO_DIR)/data --vocab-size 2048
+	rm -rf $(DEMO_DIR)/run
 	$(BUDGETLM) pretrain --recipe cpu-demo --data $(DEMO_DIR)/data --out $(DEMO_DIR)/run --budget $(DEMO_BUDGET)
 	$(BUDGETLM) eval $(DEMO_DIR)/run
 	$(BUDGETLM) generate $(DEMO_DIR)/run --prompt "ROMEO:" --max-new-tokens 120 --seed 1
