@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from budgetlm.errors import UserError
+from budgetlm.files import write_text_atomic
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -312,10 +313,7 @@ def load_recipe(name_or_path: str) -> RunConfig:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_config(cls: type, path: Path) -> Any:

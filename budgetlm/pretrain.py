@@ -28,11 +28,12 @@ from budgetlm.data.masking import mask_tokens
 from budgetlm.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, no_sync, print0, wrap_ddp
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
+from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
 from budgetlm.model import Transformer
 from budgetlm.optim import batch_size_at, build_optimizer, lr_at
 from budgetlm.report import write_plots, write_report
-from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config, write_json
+from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 from budgetlm.tracking import MetricsLog, environment
 
 CPU_MICRO_BATCH_TOKENS = 8192  # one forward of this many tokens keeps a laptop CPU busy without swapping

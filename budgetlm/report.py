@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from budgetlm.config import to_dict
+from budgetlm.files import write_text_atomic
 from budgetlm.tracking import read_metrics
 
 
@@ -94,8 +95,4 @@ def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str
         "(`budget.reserve`) is kept for the final evaluation and save.",
         "",
     ]
-    path = run_dir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines))

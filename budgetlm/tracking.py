@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from budgetlm import __version__
+from budgetlm.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,9 +51,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def close(self) -> None:
         if self._tb is not None:

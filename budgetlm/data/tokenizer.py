@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from budgetlm.errors import UserError
+from budgetlm.files import write_text_atomic
 
 BPE_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -150,10 +151,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self._json, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, self._json)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

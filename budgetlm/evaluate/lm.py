@@ -70,7 +70,8 @@ def evaluate_lm(
 
 def eval_command(args) -> int:
     from budgetlm.data.dataset import PreparedData
-    from budgetlm.run import load_run, resolve_device, write_json
+    from budgetlm.files import write_json
+    from budgetlm.run import load_run, resolve_device
 
     device = resolve_device("auto")
     run = load_run(args.run, device)

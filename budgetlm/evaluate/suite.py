@@ -31,6 +31,7 @@ from pathlib import Path
 
 from budgetlm.errors import UserError
 from budgetlm.evaluate.metrics import majority_baseline, task_metrics
+from budgetlm.files import write_json, write_text_atomic
 from budgetlm.finetune.tasks import Example, read_task_file
 
 TEST_SPLIT_SEED = 1234  # fixed: the test examples never change between runs, models or seeds
@@ -191,9 +192,7 @@ def table(results: dict) -> str:
 def write_results(run_dir: Path, results: dict) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     json_path, md_path = run_dir / "suite.json", run_dir / "suite.md"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(json_path)
+    write_json(json_path, results)
     sizes = ", ".join(f"{n}: {t['sizes']['train']}/{t['sizes']['valid']}/{t['sizes']['test']}" for n, t in results["tasks"].items())
     md = [
         "# budgetlm downstream suite",
@@ -205,9 +204,7 @@ def write_results(run_dir: Path, results: dict) -> tuple[Path, Path]:
         table(results),
         "",
     ]
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    tmp.replace(md_path)
+    write_text_atomic(md_path, "\n".join(md))
     return json_path, md_path
 
 

@@ -26,6 +26,7 @@ import torch
 from budgetlm.budget import hms
 from budgetlm.errors import UserError
 from budgetlm.evaluate.metrics import main_metric, task_metrics
+from budgetlm.files import write_json
 from budgetlm.finetune.heads import TaskModel, collate, encode_examples, set_body_dropout
 from budgetlm.finetune.methods import MethodOptions, apply_method, trainable_report, trainable_state_dict
 from budgetlm.finetune.tasks import Columns, Example, infer_format, read_task_file
@@ -386,9 +387,7 @@ def save_finetuned(out_dir: Path, result: Result, base: Base, cfg: FinetuneConfi
         "summary": result.summary,
         "history": result.history,
     }
-    tmp = out_dir / (FINETUNE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / FINETUNE_FILE)
+    write_json(out_dir / FINETUNE_FILE, meta)
     lines = [
         "# budgetlm fine-tuning report",
         "",
