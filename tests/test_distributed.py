@@ -56,6 +56,35 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _check_ddp_matches_one_process(info: D.DistInfo, rank: int, world_size: int) -> None:
+    # In its own function so the DDP wrapper is gone before D.cleanup() runs.
+    # The same model and global batch on every rank; the reference sees the whole batch.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    nn.functional.mse_loss(ref(x), y).backward()
+    ref_opt.step()
+
+    ddp = D.wrap_ddp(model, info)
+    assert isinstance(ddp, D.DDP)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    shard_x, shard_y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    micro = list(zip(shard_x.chunk(2), shard_y.chunk(2)))
+    for i, (xb, yb) in enumerate(micro):
+        last = i == len(micro) - 1
+        with D.no_sync(ddp, enabled=not last):
+            (nn.functional.mse_loss(ddp(xb), yb) / len(micro)).backward()
+        grads = _gather(model.weight.grad.detach().clone())
+        # Under no_sync each rank holds only its own gradient; after the last micro-batch
+        # DDP has averaged them, so all ranks agree.
+        assert torch.equal(grads[0], grads[1]) == last
+    opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
 def _worker(rank: int, world_size: int, init_file: str) -> None:
     import os
 
@@ -73,31 +102,7 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
         assert D.broadcast_object({"from": rank, "list": [rank]}) == {"from": 0, "list": [0]}
         D.barrier()
 
-        # The same model and global batch on every rank; the reference sees the whole batch.
-        torch.manual_seed(0)
-        model = nn.Linear(4, 3)
-        ref = copy.deepcopy(model)
-        x, y = torch.randn(8, 4), torch.randn(8, 3)
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-        nn.functional.mse_loss(ref(x), y).backward()
-        ref_opt.step()
-
-        ddp = D.wrap_ddp(model, info)
-        assert isinstance(ddp, D.DDP)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
-        shard_x, shard_y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-        micro = list(zip(shard_x.chunk(2), shard_y.chunk(2)))
-        for i, (xb, yb) in enumerate(micro):
-            last = i == len(micro) - 1
-            with D.no_sync(ddp, enabled=not last):
-                (nn.functional.mse_loss(ddp(xb), yb) / len(micro)).backward()
-            grads = _gather(model.weight.grad.detach().clone())
-            # Under no_sync each rank holds only its own gradient; after the last micro-batch
-            # DDP has averaged them, so all ranks agree.
-            assert torch.equal(grads[0], grads[1]) == last
-        opt.step()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+        _check_ddp_matches_one_process(info, rank, world_size)
     finally:
         D.cleanup()
 
