@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--label-column", help="column/field of the label (name or 0-based index)")
     ft.add_argument("--no-header", action="store_true", help="CSV/TSV files have no header row")
     ft.add_argument("--epochs", type=float, default=3)
-    ft.add_argument("--lr", type=float, help="peak learning rate (default depends on the method)")
+    ft.add_argument("--lr", type=float, help="peak learning rate (default: full 1e-4 x 768 / model width; lora, adapter 1e-3; prefix 1e-2)")
     ft.add_argument("--batch-size", type=int, default=32)
     ft.add_argument("--max-len", type=int, default=128, help="maximum tokens per example")
     ft.add_argument("--lora-rank", type=int, default=8)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--max-train", type=int, default=4000, help="training examples per task and seed (subsampled)")
     su.add_argument("--max-test", type=int, default=1000, help="test examples per task (a fixed split)")
     su.add_argument("--epochs", type=float, default=3)
-    su.add_argument("--lr", type=float, help="peak learning rate (default depends on the method)")
+    su.add_argument("--lr", type=float, help="peak learning rate (default: full 1e-4 x 768 / model width; lora, adapter 1e-3; prefix 1e-2)")
     su.add_argument("--batch-size", type=int, default=32)
     su.add_argument("--json", action="store_true")
     return p

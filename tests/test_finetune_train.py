@@ -13,7 +13,7 @@ from budgetlm.cli import main
 from budgetlm.finetune.methods import MethodOptions
 from budgetlm.finetune.predict import load_finetuned, predict_examples
 from budgetlm.finetune.tasks import read_task_file
-from budgetlm.finetune.train import Base, FinetuneConfig, fit, load_base, save_finetuned
+from budgetlm.finetune.train import Base, FinetuneConfig, default_lr, fit, load_base, save_finetuned
 
 POS, NEG = ["good", "great", "fun", "fine"], ["bad", "awful", "boring", "dull"]
 
@@ -62,6 +62,8 @@ def test_each_task_format_and_method_through_the_cli(run, files, tmp_path, capsy
     assert _finetune(run, out, "--train", str(files / name), "--task", task, "--method", method, "--json", *extra) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["trainable_params"] > 0 and summary["metric"].startswith(("accuracy", "spearman", "span_f1", "token_accuracy"))
+    width = yaml.safe_load((run / "config.yaml").read_text())["model"]["n_embd"]
+    assert summary["peak_lr"] == pytest.approx(default_lr(method, width))
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["task"] == task and meta["method"] == method and meta["base"]["run"] == str(run.resolve())
     if task == "tag" and name.endswith(".conll"):
@@ -72,6 +74,14 @@ def test_each_task_format_and_method_through_the_cli(run, files, tmp_path, capsy
     fmt = "tagged" if name.endswith(".txt") else None
     got = read_task_file(pred_file, task, fmt, labelled=False)
     assert len(got.examples) == len(read_task_file(files / name, task, fmt, labelled=False).examples)
+
+
+def test_default_lr_scales_full_finetuning_with_width():
+    assert default_lr("full", 768) == pytest.approx(1e-4)
+    assert default_lr("full", 128) == pytest.approx(6e-4)  # the demo body
+    assert default_lr("full", 1536) == pytest.approx(5e-5)
+    for method in ("lora", "adapter", "prefix"):
+        assert default_lr(method, 128) == default_lr(method, 768)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "adapter", "prefix"])
@@ -147,9 +157,9 @@ def test_masked_body_and_step_budget(files, tmp_path, capsys):
     run = make_tiny_run(tmp_path / "masked", "masked")
     for name, task in (("cls.csv", "classify"), ("ner.conll", "tag")):
         out = tmp_path / f"ft-{task}"
-        assert _finetune(run, out, "--train", str(files / name), "--task", task, "--budget", "steps:2", "--json") == 0
+        assert _finetune(run, out, "--train", str(files / name), "--task", task, "--budget", "steps:2", "--lr", "3e-3", "--json") == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["steps"] == 2
+        assert summary["steps"] == 2 and summary["peak_lr"] == 3e-3
         meta = json.loads((out / "finetune.json").read_text())
         assert meta["base"]["objective"] == "masked" and meta["pooling"] == "mean"
         assert main(["predict", str(out), "--input", str(files / name)]) == 0
