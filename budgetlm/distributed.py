@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import gc
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -169,14 +170,19 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     """Leave the process group (at the end of a run, on every rank), after dropping the model.
 
-    DDP keeps the process group alive through reference cycles. Left to interpreter shutdown,
-    gloo's destructor then aborts the process ("terminate called without an active
-    exception": one 2-process CPU run in five), so collect those cycles here, while the
-    interpreter is whole. Call it once the DDP-wrapped model is out of scope.
+    Each gloo collective's work object is released on a gloo worker thread after the caller's
+    wait returns, and releasing its tensors takes the GIL. A worker still waiting for the GIL when
+    the interpreter shuts down is killed mid-destructor and the process aborts ("terminate called
+    without an active exception"; core dump: ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork ->
+    take_gil -> pthread_exit). destroy_process_group joins those threads only when nothing else
+    holds the group, and DDP does (it outlives gc in torch 2.13). So: collect what can be
+    collected, then release the GIL briefly so a worker can finish. A 2-process CPU test aborted in
+    9 of 25 runs with neither, in 2 of 552 with the collection alone, in none of 250 with both.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect()
+        gc.collect()
+        time.sleep(0.05)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, **kwargs) -> nn.Module:

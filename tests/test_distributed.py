@@ -57,7 +57,7 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_ddp_matches_one_process(info: D.DistInfo, rank: int, world_size: int) -> None:
-    # In its own function so the DDP wrapper is gone before D.cleanup() runs.
+    # In its own function so the DDP wrapper is out of scope when D.cleanup() runs.
     # The same model and global batch on every rank; the reference sees the whole batch.
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
