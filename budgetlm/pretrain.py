@@ -462,7 +462,6 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
     return out
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the command
 
@@ -491,4 +490,3 @@ def pretrain_command(args) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
-

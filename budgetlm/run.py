@@ -72,5 +72,3 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is available")
     return torch.device(name)
-
-

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from budgetlm.files import write_json
+
 FORMAT = "budgetlm-data/1"
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -130,14 +132,7 @@ def settings_hash(settings: dict, tokenizer_file_sha: str = "") -> str:
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Atomically: the manifest is the marker of a finished directory."""
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json(Path(out_dir) / MANIFEST, manifest, fsync=True)
 
 
 def read_manifest(out_dir: Path) -> dict | None:

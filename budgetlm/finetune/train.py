@@ -209,7 +209,6 @@ def split_valid(examples: list[Example], fraction: float, seed: int) -> tuple[li
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-
 @dataclass
 class Result:
     model: TaskModel
@@ -491,4 +490,3 @@ def finetune_command(args) -> int:
     if args.json:
         print(json.dumps({"out": str(out_dir), **result.summary}))
     return 0
-
