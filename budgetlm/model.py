@@ -148,7 +148,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020), w2(gelu(w1 x)) for plain."""
+    """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020); w2(gelu(w1 x)) or
+    w2(relu(w1 x)^2) (squared ReLU, So et al. 2021 "Primer") for plain ones."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -163,6 +164,8 @@ class FeedForward(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         if self.kind == "geglu":
             return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+        if self.kind == "relu2":
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.gelu(self.w1(x)))
 
 
@@ -232,7 +235,10 @@ class Transformer(nn.Module):
             if p.dim() == 1:
                 nn.init.ones_(p)  # norm weights (no biases anywhere)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+                if self.cfg.zero_init_residual:  # each block starts as the identity (modded-nanogpt, nanochat)
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
         cos, sin = rope_tables(self.cfg.seq_len, self.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)

@@ -25,17 +25,20 @@ from budgetlm.config import RunConfig, apply_overrides, load_recipe, save_config
 from budgetlm.data.dataset import PreparedData
 from budgetlm.data.loader import TrainBatches
 from budgetlm.data.masking import mask_tokens
-from budgetlm.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, no_sync, print0, wrap_ddp
+from budgetlm.data.vocab import can_derive, derive_vocabulary, derived_path
+from budgetlm.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed, no_sync, print0, wrap_ddp
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
 from budgetlm.model import Transformer
 from budgetlm.optim import batch_size_at, build_optimizer, lr_at
+from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 from budgetlm.tracking import MetricsLog, environment
 
+PLAN_FILE = "plan.json"
 CPU_MICRO_BATCH_TOKENS = 8192  # one forward of this many tokens keeps a laptop CPU busy without swapping
 
 
@@ -173,28 +176,73 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, data: PreparedData, dist: Dis
     barrier()
 
 
+def changed_keys(cfg: RunConfig) -> set[str]:
+    """Dotted keys whose value differs from the default: what a user of the Python API set."""
+    default = RunConfig()
+    out = set()
+    for section in ("model", "train"):
+        mine, base = getattr(cfg, section), getattr(default, section)
+        out |= {f"{section}.{k}" for k in base.__dataclass_fields__ if getattr(mine, k) != getattr(base, k)}
+    return out
+
+
+def plan_run(cfg: RunConfig, data: PreparedData, device: torch.device, dist: DistInfo, user_keys: set[str] | None) -> tuple[PreparedData, Plan]:
+    """Fill every key the user did not set from the budget (`budgetlm.plan`), timing candidate models
+    on this device, and derive the chosen vocabulary from the prepared one. Rank 0 plans and the
+    other ranks take its plan, so every process trains the same model."""
+    user_keys = changed_keys(cfg) if user_keys is None else set(user_keys)
+    fixed_model, fixed_train = user_fixed(cfg, user_keys)
+    if cfg.model.objective == "masked" or not can_derive(data.tokenizer):
+        fixed_model["vocab_size"] = data.vocab_size
+    if "model.vocab_size" in user_keys:
+        fixed_model["vocab_size"] = cfg.model.vocab_size
+    plan = None
+    if dist.rank == 0:
+        print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")
+        start = time.monotonic()
+        planner = Planner(device, vocab_cap=data.vocab_size, vocab_derivable=can_derive(data.tokenizer), world_size=dist.world_size, log=print0)
+        plan = make_plan(cfg.budget.limit, planner, fixed_model=fixed_model, fixed_train=fixed_train, reserve=cfg.budget.reserve)
+        print0(format_plan(plan))
+        print0(f"planned in {time.monotonic() - start:.1f}s (before the clock starts)")
+    plan = broadcast_object(plan)
+    apply_plan(cfg, plan)
+    if plan.vocab_size != data.vocab_size:
+        if dist.rank == 0:  # about twice the tokens the run will read, in case it runs faster than planned
+            derive_vocabulary(data, plan.vocab_size, max_train_tokens=int(2 * plan.tokens * data.vocab_size / plan.vocab_size), log=print0)
+        barrier()
+        data = PreparedData(derived_path(data, plan.vocab_size))
+        cfg.data = str(data.path)
+    return data, plan
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Train under cfg.budget into run_dir; returns the final metrics."""
+def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None) -> dict:
+    """Train under cfg.budget into run_dir; returns the final metrics.
+
+    With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
+    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     device = dist.device
     try:
-        return _pretrain(cfg, run_dir, resume, dist, device)
+        return _pretrain(cfg, run_dir, resume, dist, device, user_keys)
     finally:
         cleanup()
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, device: torch.device) -> dict:
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, device: torch.device, user_keys: set[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if not cfg.data:
         raise UserError("no data directory: pass --data DIR (from `budgetlm data prepare`)")
     data = PreparedData(cfg.data)
+    plan = None
+    if cfg.auto and not resume:
+        data, plan = plan_run(cfg, data, device, dist, user_keys)
     tokenizer = data.tokenizer
     if cfg.model.vocab_size and cfg.model.vocab_size != tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} does not match the data's tokenizer ({tokenizer.vocab_size})")
@@ -244,6 +292,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, devic
         print0(f"resuming {run_dir} at step {state.step} ({state.tokens:,} tokens, {clock.elapsed():.0f}s of budget used)")
     else:
         prepare_run_dir(run_dir, cfg, data, dist)
+        if plan is not None and dist.rank == 0:
+            write_json(run_dir / PLAN_FILE, plan.to_dict())
 
     cost = {"eval": 0.0, "save": 0.0}  # measured seconds of the last evaluation / checkpoint save
 
@@ -486,7 +536,7 @@ def pretrain_command(args) -> int:
         if run_dir.exists() and any(run_dir.iterdir()):
             hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
             raise UserError(f"run directory {run_dir} exists and is not empty{hint}")
-        summary = pretrain(cfg, run_dir)
+        summary = pretrain(cfg, run_dir, user_keys={item.split("=", 1)[0].strip() for item in overrides})
     if args.json:
         print(json.dumps(summary))
     return 0

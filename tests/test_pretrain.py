@@ -195,6 +195,7 @@ def test_bad_input_gives_one_line_and_exit_2(prepared_bpe, tmp_path, capsys):
     fails(tiny_args(prepared_bpe, tmp_path / "busy", "steps:2"), "exists and is not empty")
     fails(tiny_args(prepared_bpe, tmp_path / "r2", "soon"), "budget")
     fails(tiny_args(prepared_bpe, tmp_path / "r3", "steps:2", "model.n_head=3"), "divisible")
-    fails(tiny_args(prepared_bpe, tmp_path / "r4", "steps:2", "model.vocab_size=100"), "does not match the data's tokenizer")
+    fails(tiny_args(prepared_bpe, tmp_path / "r4", "steps:2", "model.vocab_size=100"), "model.vocab_size=100: a vocabulary cut from the prepared 512")
+    fails(tiny_args(prepared_bpe, tmp_path / "r5", "steps:2", "model.vocab_size=1000"), "must have 259..512 tokens")
     fails(["pretrain", "--resume", str(tmp_path / "missing")], "not a budgetlm run directory")
     fails(["pretrain", "--resume", str(tmp_path / "missing"), "--budget", "1h"], "--resume continues a run with its own config")
