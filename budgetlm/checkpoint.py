@@ -20,7 +20,8 @@ Loading uses `checkpoint/`, else `checkpoint.old/`, and never writes. The next s
 repairs the directory: renames `.old` back if `checkpoint/` is missing, then deletes `.old`
 and stale `.tmp-*` siblings.
 
-Only one process may save to a path (rank 0 in a distributed run: DDP replicas are equal).
+Only one process may save to a path (rank 0 in a distributed run, after gathering sharded states
+with `full_train_state`: every layout writes the same whole-model files).
 RNG states saved are that process's; other ranks reseed from the step (the loop's job).
 """
 
@@ -186,12 +187,17 @@ def save_weights(path: str | Path, model: nn.Module) -> None:
 
     Tied tensors are stored once (see `load_weights`); DDP/compile wrappers are looked through.
     """
+    save_weights_state(path, unwrap_model(model).state_dict())
+
+
+def save_weights_state(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """`save_weights` for a state dict already gathered (see `full_model_state`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
     try:
-        _save_weights_file(unwrap_model(model).state_dict(), Path(tmp))
+        _save_weights_file(state, Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -230,6 +236,118 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole states of sharded models (FSDP2 / tensor parallel), and optimizer states by name
+#
+# A checkpoint holds the whole model and optimizer state, keyed by parameter name, whatever the
+# layout that wrote it: torch.distributed.checkpoint's get_/set_state_dict gather the shards to
+# rank 0 on save and scatter them to any other layout on load (4 processes -> 2, FSDP -> TP, N -> 1).
+# Checkpoints written before the optimizer state was keyed by name (by parameter index) still load.
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some parameter is a DTensor (FSDP2 or tensor parallel)."""
+    return any(hasattr(p, "device_mesh") for p in unwrap_model(model).parameters())
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter name of each optimizer index (torch numbers parameters across groups in order)."""
+    names = {}
+    for name, p in unwrap_model(model).named_parameters():
+        names.setdefault(id(p), name.replace("_checkpoint_wrapped_module.", ""))
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An `optimizer.state_dict()` keyed by parameter name instead of index (the layout-free form)."""
+    names = _param_names(model, optimizer)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of `optimizer_state_by_name` for this model and optimizer (index-keyed states pass through)."""
+    if not any(isinstance(k, str) for k in state.get("state", {})) and not any(
+        isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", ())
+    ):
+        return state
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    try:
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+        return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+    except KeyError as e:
+        raise UserError(f"the optimizer state names parameter {e} that this model does not have") from None
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, on rank 0 ({} elsewhere when sharded: a collective then)."""
+    model = unwrap_model(model)
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    if getattr(model, "output", None) is not None and getattr(model.cfg, "tie_embeddings", False) and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]  # one tensor under both names, as unsharded
+    return state
+
+
+def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """Whole model and optimizer states (the optimizer's keyed by parameter name), on rank 0."""
+    model = unwrap_model(model)
+    if not is_sharded(model):
+        return model.state_dict(), optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model_state = full_model_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_full_options()) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def _check_shapes(model: nn.Module, path: Path) -> None:
+    """The `_load_into` checks from the file's header alone (every rank runs them, so all fail alike)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name, target in aliases.items():
+        shapes[name] = shapes.get(target)
+    expected = {k: tuple(v.shape) for k, v in unwrap_model(model).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise UserError(f"{path} does not match this model: tensor '{name}' is missing from it")
+        if shapes[name] != shape:
+            raise UserError(f"{path} does not match this model: tensor '{name}' has shape {shapes[name]} there but {shape} in the model")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise UserError(f"{path} does not match this model: it has tensor '{extra[0]}' that the model lacks ({len(extra)} extra in all)")
+
+
+def _load_sharded(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Scatter a whole checkpoint into a sharded model (and optimizer): rank 0 reads, all receive."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model = unwrap_model(model)
+    _check_shapes(model, d / MODEL_FILE)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    options = _full_options(broadcast_from_rank0=True)
+    state = _read_weights_file(d / MODEL_FILE) if rank0 else {}
+    set_model_state_dict(model, state, options=options)
+    if optimizer is not None:
+        opt_state = {}
+        if rank0:
+            opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
+            if not any(isinstance(k, str) for k in opt_state.get("state", {})):
+                opt_state = optimizer_state_by_name(model, optimizer, opt_state)  # an index-keyed (older) checkpoint
+        set_optimizer_state_dict(model, optimizer, opt_state, options=options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,14 +460,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore weights (and the optimizer and RNG states) from a checkpoint; returns the loop state.
 
     The optimizer must have been built the same way as the saved one (same parameter groups);
-    its tensors move to the parameters' device. Raises UserError for a missing, damaged or
+    its tensors move to the parameters' device. A sharded model (FSDP2 / tensor parallel) is
+    loaded on every rank at once, from rank 0's reading, whatever layout wrote the checkpoint. Raises UserError for a missing, damaged or
     mismatched checkpoint, naming the first tensor that does not fit.
     """
     d = find_checkpoint(path)
     loop_state = read_loop_state(d)
-    _load_into(model, _read_weights_file(d / MODEL_FILE), d / MODEL_FILE)
-    if optimizer is not None:
-        opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
+    if is_sharded(model):
+        _load_sharded(d, model, optimizer)
+    else:
+        _load_into(model, _read_weights_file(d / MODEL_FILE), d / MODEL_FILE)
+    if optimizer is not None and not is_sharded(model):
+        opt_state = optimizer_state_by_index(model, optimizer, _torch_load(d / OPTIMIZER_FILE, "optimizer state"))
         _check_optimizer_state(opt_state, optimizer, d)
         try:
             optimizer.load_state_dict(opt_state)

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from budgetlm import __version__
-from budgetlm.config import PrepareConfig, RunConfig, iter_fields, list_recipes
+from budgetlm.config import PrepareConfig, RunConfig, config_overrides, iter_fields, list_recipes  # noqa: F401 (config_overrides: re-exported)
 from budgetlm.errors import UserError
 
 # verb -> "module:function"; the function takes the parsed args and returns an exit code
@@ -55,12 +55,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, dotted: bool) -
             default=argparse.SUPPRESS,
             help=f"{f.metadata.get('help', '')}{extra} (default: {default!r})",
         )
-
-
-def config_overrides(args: argparse.Namespace) -> list[str]:
-    """The `key=value` overrides from dotted flags followed by `--set` ones (later wins)."""
-    out = [f"{k[5:]}={v}" for k, v in vars(args).items() if k.startswith("cfg::")]
-    return out + list(getattr(args, "set", None) or [])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,9 +114,22 @@ class BudgetConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = opt(-1, "data-parallel degree; -1 = world size / (tp * pp)")
-    tp: int = opt(1, "tensor-parallel degree")
-    pp: int = opt(1, "pipeline-parallel degree")
+    dp: int = opt(-1, "data-parallel degree in all (dp_replicate x dp_shard); -1 = world size / (tp * pp)")
+    dp_replicate: int = opt(-1, "replicated data-parallel degree: DDP, or the replicas of HSDP; -1 = what dp_shard, tp and pp leave")
+    dp_shard: int = opt(1, "sharded data-parallel degree (FSDP2: parameters, gradients and optimizer state split); -1 = what the others leave")
+    tp: int = opt(1, "tensor-parallel degree (attention heads and MLP columns split over ranks, DTensor)")
+    pp: int = opt(1, "pipeline-parallel degree (layers split into stages; needs model.tie_embeddings=false)")
+    pp_schedule: str = opt("1F1B", "pipeline schedule", ("GPipe", "1F1B", "Interleaved1F1B"))
+    pp_microbatches: int = opt(0, "micro-batches per pipeline step; 0 = 2 x pp (and a divisor of the per-replica batch)")
+    pp_stages_per_rank: int = opt(2, "virtual stages per rank for Interleaved1F1B")
+    sequence_parallel: bool = opt(True, "with tp > 1: also split norms and residuals along the sequence")
+    loss_parallel: bool = opt(True, "with tp > 1: compute the loss on vocabulary-sharded logits, never gathering them")
+    reshard_after_forward: bool = opt(True, "FSDP2: free gathered parameters after forward (less memory, one more all-gather in backward)")
+    fsdp_cpu_offload: bool = opt(False, "FSDP2: keep parameters, gradients and optimizer state in CPU memory (works on one process too)")
+    activation_checkpointing: str = opt(
+        "none", "recompute activations in backward: whole blocks (full), or all but matmul outputs (selective)", ("none", "full", "selective")
+    )
+    ddp_comm_hook: str = opt("none", "DDP gradient compression", ("none", "bf16", "fp16", "powersgd"))
     backend: str = opt("auto", "process-group backend (auto = nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
 
 
@@ -268,6 +281,13 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         key, raw = item.split("=", 1)
         set_key(cfg, key.strip(), raw.strip())
     return cfg
+
+
+def config_overrides(args) -> list[str]:
+    """The `key=value` overrides from a parsed command line: dotted flags (`--train.lr 3e-4`, kept
+    under `cfg::` names) followed by `--set` ones (later wins)."""
+    out = [f"{k[5:]}={v}" for k, v in vars(args).items() if k.startswith("cfg::")]
+    return out + list(getattr(args, "set", None) or [])
 
 
 def iter_fields(cls: type, prefix: str = ""):

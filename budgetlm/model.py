@@ -17,6 +17,7 @@ export is the short name map in `budgetlm/hf_names.py`; layers sit in an `nn.Mod
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Protocol
 
 import torch
@@ -117,10 +118,12 @@ class Attention(nn.Module):
         start_pos: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        B, T, _ = x.shape
+        # Head counts come from the projections' shapes, not the config: under tensor parallelism
+        # wq/wk/wv are column shards holding n_head / tp heads on each rank.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -141,9 +144,9 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=k.size(1) != q.size(1),
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.wo(y)
 
 
@@ -184,7 +187,38 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# the loss, outside the model (a pipeline's last stage and tensor parallel's loss_parallel need it there)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 over targets that are not IGNORE_INDEX.
+
+    logits (B, T, V) against targets (B, T); or sparse logits (M, V) from the masked objective
+    against the (B, T) targets whose M non-ignored entries they predict, in row-major order."""
+    if logits.dim() == 2 and targets.dim() == 2:
+        targets = targets[targets != IGNORE_INDEX]  # (M,), the order of forward's index_select
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def compute_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of a (possibly wrapped) Transformer on one batch."""
+    return lm_loss(model(idx, targets=targets), targets)
+
+
+# ---------------------------------------------------------------------------------------------
 # the model
+
+
+def _init_normal(p: torch.Tensor, std: float, seed: int) -> None:
+    """Fill `p` (a tensor or a sharded DTensor) with N(0, std) drawn from a generator seeded by `seed`."""
+    local = p.to_local() if hasattr(p, "device_mesh") else p
+    gen = torch.Generator(device=local.device).manual_seed(seed)
+    full = torch.empty(p.shape, dtype=p.dtype, device=local.device).normal_(0.0, std, generator=gen)
+    if local is not p:
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()  # this rank's slice
+    local.copy_(full)
 
 
 class Transformer(nn.Module):
@@ -207,40 +241,58 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
-    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Transformer:
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> Transformer:
         """Construct on `meta` (no memory, no init cost), allocate on `device`, then initialise.
 
-        Deterministic given `torch.manual_seed`. Parallelism and compilation are applied to the
-        returned model from outside (budgetlm.distributed)."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.to_empty(device=device)
-        model.tie_weights()  # to_empty allocates a fresh tensor per module, which unties shared parameters
-        model.init_weights()
+        Deterministic given `torch.manual_seed` (or `seed`). Parallelism goes between the two halves:
+        `on_meta`, then `budgetlm.distributed.parallelize`, then `materialize`, so no rank ever
+        allocates the whole unsharded model."""
+        model = cls.on_meta(cfg)
+        model.materialize(device, seed)
         return model
+
+    @classmethod
+    def on_meta(cls, cfg: ModelConfig) -> Transformer:
+        with torch.device("meta"):
+            return cls(cfg)
+
+    def materialize(self, device: torch.device | str, seed: int | None = None) -> Transformer:
+        """Allocate the (possibly sharded) parameters on `device` and initialise them."""
+        self.to_empty(device=device)
+        self.tie_weights()  # to_empty allocates a fresh tensor per module, which unties shared parameters
+        self.init_weights(seed)
+        return self
 
     def tie_weights(self) -> None:
         # Weight tying (Press & Wolf 2017): the output projection reuses the input embedding.
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for every matrix; the two projections that write into the residual stream
         (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
-        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed."""
+        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed.
+
+        Each matrix is drawn from its own generator, seeded by `seed` (default: one draw from torch's
+        global generator) and the parameter's name, so the values do not depend on the layout: a
+        pipeline stage that lacks other layers, or a rank holding one shard (each rank draws the whole
+        matrix, one at a time, and keeps its own slice), gets exactly the single-process weights."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for name, p in self.named_parameters():  # fixed order -> deterministic under manual_seed
+        for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p)  # norm weights (no biases anywhere)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                if self.cfg.zero_init_residual:  # each block starts as the identity (modded-nanogpt, nanochat)
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=residual_std)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+                p.fill_(1.0)  # norm weights (no biases anywhere)
+                continue
+            residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+            if residual and self.cfg.zero_init_residual:  # each block starts as the identity (modded-nanogpt, nanochat)
+                p.zero_()
+                continue
+            sd = residual_std if residual else std
+            name = name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper
+            _init_normal(p, sd, (seed + zlib.crc32(name.encode())) % 2**63)
         cos, sin = rope_tables(self.cfg.seq_len, self.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -257,50 +309,52 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """The residual stream after the last block, before the final norm: (B, T, C).
 
-        `attn_mask` (bool, broadcastable to (B, nh, T, T), True = may attend) is for callers such as
-        fine-tuning heads that batch padded sequences; pretraining packs sequences and needs none."""
-        B, T = idx.shape
+        `idx` is (B, T) token ids, or (B, T, C) hidden states on a pipeline stage that does not own
+        the embedding (`tok_embeddings` is None there). `attn_mask` (bool, broadcastable to
+        (B, nh, T, T), True = may attend) is for callers such as fine-tuning heads that batch padded
+        sequences; pretraining packs sequences and needs none."""
+        B, T = idx.shape[:2]
         if start_pos + T > self.cfg.seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
         cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
         sin = self.rope_sin[start_pos : start_pos + T]
-        x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
-        for layer in self.layers.values():
+        x = self.dropout(self.tok_embeddings(idx)) if self.tok_embeddings is not None else idx  # (B, T, C)
+        for layer in self.layers.values():  # a pipeline stage holds only its own layers (keys unchanged)
             x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
         return x
 
     def forward(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         *,
+        targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
-        """idx (B, T) token ids. Without targets: logits (B, T, padded_vocab_size) in fp32.
-        With targets (B, T; IGNORE_INDEX = no loss): the mean cross-entropy in fp32.
+        """idx (B, T) token ids -> logits (B, T, padded_vocab_size) in fp32 (the loss is `lm_loss`).
 
-        Causal: the caller shifts (window w of T+1 tokens: idx = w[:, :-1], targets = w[:, 1:]).
-        Masked: targets hold the original ids at masked positions and -100 elsewhere; only those
-        positions are normed, projected and scored (Cramming's sparse prediction)."""
+        Masked objective with `targets` (B, T; IGNORE_INDEX = no loss): only the masked positions are
+        normed and projected (Cramming's sparse prediction), giving (M, padded_vocab_size) logits in
+        the row-major order of the masked positions; `lm_loss(logits, targets)` pairs them up. The
+        causal objective ignores `targets` (the caller shifts: idx = w[:, :-1], targets = w[:, 1:]).
+
+        A pipeline stage without the final norm / output projection returns its hidden states."""
         x = self.hidden_states(idx, kv_cache=kv_cache, start_pos=start_pos)  # (B, T, C)
-        if targets is None:
-            return self.output(self.norm(x)).float()
-        x = x.reshape(-1, x.size(-1))  # (B*T, C)
-        targets = targets.reshape(-1)  # (B*T,)
-        if self.cfg.objective == "masked":
-            keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
-            x, targets = x.index_select(0, keep), targets.index_select(0, keep)  # (M, C), (M,)
-        logits = self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        if self.output is None:
+            return x
+        if targets is not None and self.cfg.objective == "masked":
+            keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
+            x = x.reshape(-1, x.size(-1)).index_select(0, keep)  # (M, C)
+        return self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
 
     # -- accounting ----------------------------------------------------------------------------
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, counting a tied embedding once. `exclude_embeddings` drops the embedding table
-        (shared with the output projection when tied), Kaplan et al. 2020's "non-embedding" count."""
+        (shared with the output projection when tied), Kaplan et al. 2020's "non-embedding" count.
+        Counts global shapes, so a sharded (FSDP/TP) model reports its whole size."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        if exclude_embeddings:
+        if exclude_embeddings and self.tok_embeddings is not None:
             n -= self.tok_embeddings.weight.numel()
         return n
 

@@ -1,5 +1,10 @@
 """Budgeted pretraining: setup -> fit -> validate, stopping on the budget.
 
+`setup` opens the data (fixing the vocabulary), builds the model on `meta`, parallelises and
+initialises it (`budgetlm.distributed.parallelize`), then the optimizer, the micro-batch size and
+the loop state; `fit` runs optimizer steps (`budgetlm.train_step`) until the clock says stop;
+`validate` evaluates, saves and writes the report.
+
 The learning rate, the batch-size ramp and stopping are functions of budget progress
 (elapsed / budget), so the decay ends at the deadline whatever the throughput (Cramming).
 One code path for CPU, one GPU and N processes under torchrun: the global batch is fixed by the
@@ -21,22 +26,37 @@ import torch
 
 from budgetlm import checkpoint as ckpt
 from budgetlm.budget import Clock, hms, parse_budget
-from budgetlm.config import RunConfig, apply_overrides, load_recipe, save_config
+from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, save_config
 from budgetlm.data.dataset import PreparedData
-from budgetlm.data.loader import TrainBatches
+from budgetlm.data.loader import DeviceBatches, TrainBatches
 from budgetlm.data.masking import mask_tokens
 from budgetlm.data.vocab import can_derive, derive_vocabulary, derived_path
-from budgetlm.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed, no_sync, print0, wrap_ddp
+from budgetlm.distributed import (
+    MESH_DIMS,
+    DistInfo,
+    ParallelDims,
+    Parallelized,
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+    build_mesh,
+    check_parallel_config,
+    cleanup,
+    init_distributed,
+    parallelize,
+    print0,
+)
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
-from budgetlm.model import Transformer
-from budgetlm.optim import batch_size_at, build_optimizer, lr_at
+from budgetlm.model import Transformer, compute_loss
+from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at, set_lr
 from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 from budgetlm.tracking import MetricsLog, environment
+from budgetlm.train_step import train_step
 
 PLAN_FILE = "plan.json"
 CPU_MICRO_BATCH_TOKENS = 8192  # one forward of this many tokens keeps a laptop CPU busy without swapping
@@ -70,14 +90,12 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError(f"model.n_head={m.n_head} must be divisible by model.n_kv_head={m.n_kv_head}")
     if t.batch_tokens < m.seq_len:
         raise UserError(f"train.batch_tokens={t.batch_tokens} is smaller than one sequence (model.seq_len={m.seq_len})")
-    if not 0 <= t.warmup <= 1 or not 0 <= t.cooldown <= 1 or not 0 <= t.batch_ramp <= 1:
-        raise UserError("train.warmup, train.cooldown and train.batch_ramp are fractions of the budget in [0, 1]")
+    check_schedule(t)  # warm-up, cool-down, ramp and min_lr_ratio: before anything is written
     if not 0 < t.mlm_rate < 1:
         raise UserError(f"train.mlm_rate={t.mlm_rate} must be in (0, 1)")
     if not 0 <= cfg.budget.reserve < 0.5:
         raise UserError(f"budget.reserve={cfg.budget.reserve} must be in [0, 0.5)")
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise UserError("parallel.tp and parallel.pp > 1 are not supported yet; data parallelism scales with torchrun")
+    check_parallel_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,28 +130,51 @@ def divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def choose_micro_batch(cfg: RunConfig, per_rank_seqs: int, model: Transformer, precision: Precision, device: torch.device) -> int:
-    """Sequences per forward pass: the configured value, or the largest divisor of the per-rank
-    batch that fits (CPU: a token cap; GPU: probed with a forward+backward, halving on OOM)."""
+def choose_micro_batch(cfg: RunConfig, per_replica_seqs: int, par: Parallelized, optimizer, precision: Precision, device: torch.device) -> int:
+    """Sequences per forward pass: the configured value, or the largest divisor of the per-replica
+    batch that fits (CPU: a token cap; GPU: probed with a forward+backward, halving on OOM).
+
+    The GPU probe runs once the optimizer exists and holds a stand-in for its state (AdamW's two
+    moments, allocated lazily at the first step), so what it finds still fits when training."""
     if cfg.train.micro_batch:
-        if per_rank_seqs % cfg.train.micro_batch:
-            raise UserError(f"train.micro_batch={cfg.train.micro_batch} must divide the per-process batch of {per_rank_seqs} sequences")
+        if per_replica_seqs % cfg.train.micro_batch:
+            raise UserError(f"train.micro_batch={cfg.train.micro_batch} must divide the per-replica batch of {per_replica_seqs} sequences")
         return cfg.train.micro_batch
-    candidates = divisors_desc(per_rank_seqs)
+    candidates = divisors_desc(per_replica_seqs)
     if device.type != "cuda":
         return next(d for d in candidates if d * cfg.model.seq_len <= CPU_MICRO_BATCH_TOKENS or d == 1)
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    state_elems = sum(2 * local(p).numel() for g in optimizer.param_groups for p in g["params"] if local(p).device.type == "cuda")
+    reserve = torch.empty(state_elems, dtype=torch.float32, device=device)
+    # the bare model: DDP's hooks would all-reduce the probe's gradients
+    model = par.model if par.compiled != "whole" else par.train_model
+    loss_ctx = contextlib.nullcontext
+    if par.loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
+    chosen = 1
     for d in candidates:
         try:
             x = torch.randint(0, cfg.model.vocab_size, (d, cfg.model.seq_len), device=device)
-            with precision.autocast():
-                loss = model(x, x)
-            loss.backward()
+            with loss_ctx():
+                with precision.autocast():
+                    loss = compute_loss(model, x, x)
+                loss.backward()
             model.zero_grad(set_to_none=True)
-            return d
+            chosen = d
+            break
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-    raise UserError(f"not even one sequence of {cfg.model.seq_len} tokens fits on {device}; lower model.seq_len or the model size")
+    else:
+        raise UserError(f"not even one sequence of {cfg.model.seq_len} tokens fits on {device}; lower model.seq_len or the model size")
+    del reserve
+    torch.cuda.empty_cache()
+    return min_over_ranks(chosen)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest `value` over ranks (all ranks must use the same micro-batch)."""
+    return int(-all_reduce_max(-float(value)))
 
 
 @dataclass
@@ -150,18 +191,27 @@ class LoopState:
     done: bool = False
 
 
-def make_batch(w: torch.Tensor, cfg: RunConfig, tokenizer, generator: torch.Generator | None):
-    """Inputs and targets from a (B, T+1) window: shifted for causal, masked for masked."""
+def make_batch(w: torch.Tensor, cfg: RunConfig, tokenizer, sample_ids: list[int] | None = None):
+    """Inputs and targets from a (B, T+1) window: shifted for causal, masked for masked.
+
+    Each window's mask is drawn from its own generator, seeded by the run's seed and the window's
+    place in the data stream (`TrainBatches.sample_ids`), so a window is masked the same way
+    whatever the number of processes, the micro-batch size or a resume in between."""
     if cfg.model.objective == "causal":
         return w[:, :-1], w[:, 1:]
-    return mask_tokens(
-        w[:, :-1],
-        mask_id=tokenizer.mask_id,
-        vocab_size=tokenizer.vocab_size,
-        rate=cfg.train.mlm_rate,
-        special_ids=tokenizer.special_ids,
-        generator=generator,
-    )
+    ids = sample_ids if sample_ids is not None else range(w.shape[0])
+    rows = [
+        mask_tokens(
+            w[i : i + 1, :-1],
+            mask_id=tokenizer.mask_id,
+            vocab_size=tokenizer.vocab_size,
+            rate=cfg.train.mlm_rate,
+            special_ids=tokenizer.special_ids,
+            generator=torch.Generator().manual_seed((cfg.train.seed + 1) * 1_000_003 + sid),
+        )
+        for i, sid in enumerate(ids)
+    ]
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, data: PreparedData, dist: DistInfo) -> None:
@@ -186,10 +236,13 @@ def changed_keys(cfg: RunConfig) -> set[str]:
     return out
 
 
-def plan_run(cfg: RunConfig, data: PreparedData, device: torch.device, dist: DistInfo, user_keys: set[str] | None) -> tuple[PreparedData, Plan]:
+def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan:
     """Fill every key the user did not set from the budget (`budgetlm.plan`), timing candidate models
     on this device, and derive the chosen vocabulary from the prepared one. Rank 0 plans and the
     other ranks take its plan, so every process trains the same model."""
+    if not cfg.data:
+        raise UserError("no data directory: pass --data DIR (from `budgetlm data prepare`)")
+    data, device = PreparedData(cfg.data), dist.device
     user_keys = changed_keys(cfg) if user_keys is None else set(user_keys)
     fixed_model, fixed_train = user_fixed(cfg, user_keys)
     if cfg.model.objective == "masked" or not can_derive(data.tokenizer):
@@ -210,9 +263,164 @@ def plan_run(cfg: RunConfig, data: PreparedData, device: torch.device, dist: Dis
         if dist.rank == 0:  # about twice the tokens the run will read, in case it runs faster than planned
             derive_vocabulary(data, plan.vocab_size, max_train_tokens=int(2 * plan.tokens * data.vocab_size / plan.vocab_size), log=print0)
         barrier()
-        data = PreparedData(derived_path(data, plan.vocab_size))
-        cfg.data = str(data.path)
-    return data, plan
+        cfg.data = str(derived_path(data, plan.vocab_size))
+    return plan
+
+
+def open_data(cfg: RunConfig) -> PreparedData:
+    """The prepared data, with model.vocab_size fixed to its tokenizer's."""
+    if not cfg.data:
+        raise UserError("no data directory: pass --data DIR (from `budgetlm data prepare`)")
+    data = PreparedData(cfg.data)
+    tokenizer = data.tokenizer
+    if cfg.model.vocab_size and cfg.model.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} does not match the data's tokenizer ({tokenizer.vocab_size})")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.model.objective == "masked" and tokenizer.mask_id is None:
+        raise UserError("model.objective=masked needs a tokenizer with a mask token (prepare with --tokenizer wordpiece)")
+    return data
+
+
+def build_model(cfg: RunConfig, dims: ParallelDims, dist: DistInfo, precision: Precision) -> tuple[Transformer, Parallelized]:
+    """The model on `meta`, parallelised (tensor parallel, checkpointing, compile, FSDP2/DDP), then
+    allocated and initialised shard by shard. Returns the full model's description (for counting
+    parameters and FLOPs) and what to train."""
+    device = dist.device
+    full = Transformer.on_meta(cfg.model)  # shapes only: counts without memory
+    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
+    mesh = build_mesh(dims, device)
+    torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank and layout
+    model = Transformer.on_meta(cfg.model)
+    param_dtype = precision.dtype if precision.name == "bf16" else None
+    par = parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype)
+    return full, par
+
+
+@dataclass
+class Trainer:
+    """One pretraining run's state, built by `setup` and driven by `fit` then `validate`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    dist: DistInfo
+    dims: ParallelDims
+    data: PreparedData
+    full: Transformer  # on meta: the whole model's shapes
+    par: Parallelized
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    precision: Precision
+    global_seqs: int
+    per_replica_seqs: int
+    micro: int
+    loader: TrainBatches
+    batches: DeviceBatches
+    clock: Clock
+    state: LoopState
+    metrics: MetricsLog
+    peak: float
+    peak_source: str
+    cost: dict = field(default_factory=lambda: {"eval": 0.0, "save": 0.0})  # seconds of the last evaluation / save
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    # -- pieces the loop uses --------------------------------------------------------------------
+
+    def next_batch(self):
+        ids = self.loader.sample_ids(self.micro) if self.cfg.model.objective == "masked" else None
+        return make_batch(self.loader.next(self.micro), self.cfg, self.data.tokenizer, ids)
+
+    def timed(self, kind: str, fn, *a, **kw):
+        """Run fn, remember its duration, and keep that much of the budget free for the end."""
+        start = time.monotonic()
+        out = fn(*a, **kw)
+        self.cost[kind] = time.monotonic() - start
+        self.clock.expect_tail(1.25 * (self.cost["eval"] + self.cost["save"]))  # the final eval + save, with a margin
+        return out
+
+    def save(self, done: bool = False) -> None:
+        """A checkpoint of everything resume needs; gathered to rank 0 (a collective when sharded)."""
+        model_state, optim_state = ckpt.full_train_state(self.par.model, self.optimizer)
+        if self.dist.rank == 0:
+            loop = {
+                "loop": {**self.state.__dict__, "done": done},
+                "loader": self.loader.state_dict(),  # the stream position is global: the same on every rank
+                "clock": self.clock.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "layout": {"world_size": self.dims.world_size, **{k: getattr(self.dims, k) for k in MESH_DIMS}},
+            }
+            ckpt.save_checkpoint(self.ckpt_dir, model_state=model_state, optimizer_state=optim_state, loop_state=loop)
+        barrier()
+
+    def restore(self, restore_rng: bool = True) -> dict:
+        """Load the last checkpoint into the model, optimizer and scaler (any layout); returns its loop state."""
+        loop = ckpt.load_checkpoint(self.ckpt_dir, self.par.model, self.optimizer, restore_rng=restore_rng)
+        if self.scaler is not None and loop.get("scaler"):
+            self.scaler.load_state_dict(loop["scaler"])
+        return loop
+
+    def evaluate(self) -> dict:
+        return evaluate_lm(
+            self.par.model, self.data, objective=self.cfg.model.objective, seq_len=self.cfg.model.seq_len,
+            n_tokens=self.cfg.train.eval_tokens, batch_size=self.micro, device=self.device,
+            autocast=self.precision.autocast, mlm_rate=self.cfg.train.mlm_rate, loss_parallel=self.par.loss_parallel,
+        )  # fmt: skip
+
+
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> Trainer:
+    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
+    device = dist.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dims = ParallelDims.resolve(cfg.parallel, dist.world_size)
+    check_parallel_config(cfg)
+    plan = plan_run(cfg, dist, user_keys) if cfg.auto and not resume else None  # may point cfg.data at a derived vocabulary
+    data = open_data(cfg)  # fixes model.vocab_size
+
+    seq_len = cfg.model.seq_len
+    global_seqs = cfg.train.batch_tokens // seq_len
+    if global_seqs % dims.dp:
+        raise UserError(f"the global batch of {global_seqs} sequences does not split over {dims.dp} data-parallel replicas")
+    per_replica_seqs = global_seqs // dims.dp
+    precision = choose_precision(cfg.train.precision, device)
+    full, par = build_model(cfg, dims, dist, precision)
+    optimizer = build_optimizer(par.model, cfg.train, device.type)
+    scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
+    micro = choose_micro_batch(cfg, per_replica_seqs, par, optimizer, precision, device)
+
+    dp_rank = dims.coords(dist.rank)["dp"]
+    loader = TrainBatches(data.tokens("train"), seq_len, seed=cfg.train.seed, rank=dp_rank, world_size=dims.dp)
+    peak, peak_source = peak_flops(device, precision.dtype)
+    trainer = Trainer(
+        cfg=cfg, run_dir=run_dir, dist=dist, dims=dims, data=data, full=full, par=par, optimizer=optimizer, scaler=scaler,
+        precision=precision, global_seqs=global_seqs, per_replica_seqs=per_replica_seqs, micro=micro, loader=loader,
+        batches=None, clock=Clock(parse_budget(cfg.budget.limit), reserve=cfg.budget.reserve), state=LoopState(),
+        metrics=MetricsLog(run_dir, enabled=dist.rank == 0), peak=peak, peak_source=peak_source,
+    )  # fmt: skip
+    trainer.batches = DeviceBatches(trainer.next_batch, device)
+
+    if resume:
+        loop = trainer.restore()
+        trainer.state = LoopState(**loop["loop"])
+        loader_state = loop["loader"]
+        # checkpoints before budgetlm 0.x's layouts stored one (identical) loader state per rank
+        loader.load_state_dict(loader_state[0] if isinstance(loader_state, list) else loader_state)
+        trainer.clock.load_state_dict(loop["clock"])
+        saved = loop.get("layout", {}).get("world_size")
+        if saved and saved != dist.world_size:
+            print0(f"resuming a run saved on {saved} processes on {dist.world_size} ({dims.describe()})")
+    else:
+        prepare_run_dir(run_dir, cfg, data, dist)
+        if plan is not None and dist.rank == 0:
+            write_json(run_dir / PLAN_FILE, plan.to_dict())
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,198 +434,120 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
-    device = dist.device
     try:
-        return _pretrain(cfg, run_dir, resume, dist, device, user_keys)
+        return _pretrain(cfg, run_dir, resume, dist, user_keys)
     finally:
         cleanup()
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, device: torch.device, user_keys: set[str] | None = None) -> dict:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if not cfg.data:
-        raise UserError("no data directory: pass --data DIR (from `budgetlm data prepare`)")
-    data = PreparedData(cfg.data)
-    plan = None
-    if cfg.auto and not resume:
-        data, plan = plan_run(cfg, data, device, dist, user_keys)
-    tokenizer = data.tokenizer
-    if cfg.model.vocab_size and cfg.model.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} does not match the data's tokenizer ({tokenizer.vocab_size})")
-    cfg.model.vocab_size = tokenizer.vocab_size
-    if cfg.model.objective == "masked" and tokenizer.mask_id is None:
-        raise UserError("model.objective=masked needs a tokenizer with a mask token (prepare with --tokenizer wordpiece)")
-    if cfg.parallel.dp not in (-1, dist.world_size):
-        raise UserError(f"parallel.dp={cfg.parallel.dp} does not match the {dist.world_size} processes started")
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
+    t = setup(cfg, run_dir, resume, dist, user_keys)
+    if t.state.done:
+        print0(f"run {run_dir} already finished; nothing to resume")
+        return {"val": t.state.evals[-1] if t.state.evals else {}, "already_finished": True}
+    announce(t, resume)
+    fit(t)
+    return validate(t)
 
-    seq_len = cfg.model.seq_len
-    global_seqs = cfg.train.batch_tokens // seq_len
-    if global_seqs % dist.world_size:
-        raise UserError(f"the global batch of {global_seqs} sequences does not split over {dist.world_size} processes")
-    per_rank_seqs = global_seqs // dist.world_size
-    precision = choose_precision(cfg.train.precision, device)
 
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer.build(cfg.model, device=device)
-    micro = choose_micro_batch(cfg, per_rank_seqs, model, precision, device)
-    full_accum = per_rank_seqs // micro
-    optimizer = build_optimizer(model, cfg.train, device.type)
-    scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
-    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
-    train_model = wrap_ddp(torch.compile(model) if compile_on else model, dist)
-
-    n_params = model.num_params()
-    flops_per_token = model.flops_per_token(seq_len)
-    peak, peak_source = peak_flops(device, precision.dtype)
-    loader = TrainBatches(data.tokens("train"), seq_len, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
-    mask_gen = torch.Generator().manual_seed(cfg.train.seed + 1 + dist.rank)
-    clock = Clock(parse_budget(cfg.budget.limit), reserve=cfg.budget.reserve)
-    state = LoopState()
-    metrics = MetricsLog(run_dir, enabled=dist.rank == 0)
-
-    ckpt_dir = run_dir / CHECKPOINT_DIR
+def announce(t: Trainer, resume: bool) -> None:
+    """The run's first lines; a fresh run also logs its start and writes a step-0 checkpoint."""
+    cfg, full = t.cfg, t.full
+    n_params, flops_per_token = full.num_params(), full.flops_per_token(cfg.model.seq_len)
+    accum = t.per_replica_seqs // t.micro
     if resume:
-        loop = ckpt.load_checkpoint(ckpt_dir, model, optimizer)
-        state = LoopState(**loop["loop"])
-        loader.load_state_dict(loop["loader"][dist.rank] if isinstance(loop["loader"], list) else loop["loader"])
-        clock.load_state_dict(loop["clock"])
-        mask_gen.set_state(torch.tensor(loop["mask_rng"][dist.rank], dtype=torch.uint8))
-        if state.done:
-            print0(f"run {run_dir} already finished; nothing to resume")
-            return {"val": state.evals[-1] if state.evals else {}, "already_finished": True}
-        if dist.rank == 0:
-            metrics.truncate_after(state.step)
-        print0(f"resuming {run_dir} at step {state.step} ({state.tokens:,} tokens, {clock.elapsed():.0f}s of budget used)")
-    else:
-        prepare_run_dir(run_dir, cfg, data, dist)
-        if plan is not None and dist.rank == 0:
-            write_json(run_dir / PLAN_FILE, plan.to_dict())
-
-    cost = {"eval": 0.0, "save": 0.0}  # measured seconds of the last evaluation / checkpoint save
-
-    def timed(kind: str, fn, *a, **kw):
-        """Run fn, remember its duration, and keep that much of the budget free for the end."""
-        start = time.monotonic()
-        out = fn(*a, **kw)
-        cost[kind] = time.monotonic() - start
-        clock.expect_tail(1.25 * (cost["eval"] + cost["save"]))  # the final eval + save, with a margin
-        return out
-
-    def save(done: bool = False) -> None:
-        loader_states = _gather(loader.state_dict(), dist)
-        mask_states = _gather(mask_gen.get_state().tolist(), dist)
-        if dist.rank == 0:
-            loop = {"loop": {**state.__dict__, "done": done}, "loader": loader_states, "clock": clock.state_dict(), "mask_rng": mask_states}
-            ckpt.save_checkpoint(ckpt_dir, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), loop_state=loop)
-        barrier()
-
-    def evaluate() -> dict:
-        return evaluate_lm(
-            model, data, objective=cfg.model.objective, seq_len=seq_len, n_tokens=cfg.train.eval_tokens,
-            batch_size=micro, device=device, autocast=precision.autocast, mlm_rate=cfg.train.mlm_rate,
-        )  # fmt: skip
-
+        print0(f"resuming {t.run_dir} at step {t.state.step} ({t.state.tokens:,} tokens, {t.clock.elapsed():.0f}s of budget used)")
+        if t.dist.rank == 0:
+            t.metrics.truncate_after(t.state.step)
     print0(
-        f"model {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | batch {global_seqs} x {seq_len} tokens = "
-        f"{dist.world_size} processes x {full_accum} accumulation x {micro} micro | {precision.name} on {device}"
-        f"{' compiled' if compile_on else ''} | budget {cfg.budget.limit} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})"
+        f"model {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | batch {t.global_seqs} x {cfg.model.seq_len} tokens = "
+        f"{t.dims.dp} replicas x {accum} accumulation x {t.micro} micro | {t.dims.describe()} | {t.precision.name} on {t.device}"
+        f"{' compiled' if t.par.compiled else ''} | budget {cfg.budget.limit} | peak {t.peak / 1e12:.2f} TFLOP/s ({t.peak_source})"
     )
     if not resume:
-        metrics.log("event", 0, event="start", params=n_params, flops_per_token=flops_per_token, peak_flops=peak, micro_batch=micro)
-        timed("save", save)  # a step-0 checkpoint: resume and NaN rollback always have somewhere to go
+        t.metrics.log("event", 0, event="start", params=n_params, flops_per_token=flops_per_token, peak_flops=t.peak, micro_batch=t.micro)
+        t.timed("save", t.save)  # a step-0 checkpoint: resume and NaN rollback always have somewhere to go
 
-    # ------------------------------------------------------------------------------------------
-    # fit
+
+def _loss(model, batch) -> torch.Tensor:
+    x, y = batch
+    return compute_loss(model, x, y)
+
+
+def fit(t: Trainer) -> None:
+    """Optimizer steps until the budget is spent, with periodic logs, evaluations and checkpoints."""
+    cfg, state, clock = t.cfg, t.state, t.clock
+    flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
+    params = [p for g in t.optimizer.param_groups for p in g["params"]]
     clock.start()
     last_ckpt = time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
     try:
         while True:
-            progress, stop = _agree(clock, state, dist, device)
+            progress, stop = _agree(clock, state, t.dist, t.device)
             if stop:
                 break
             lr = lr_at(progress, cfg.train) * state.lr_scale
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_seqs = batch_size_at(progress, cfg.train, per_rank_seqs, micro)
-            accum = max(1, step_seqs // micro)
-
-            # ---- one optimizer step ------------------------------------------------------------
-            loss_sum = torch.zeros((), device=device)
-            for i in range(accum):
-                x, y = make_batch(loader.next(micro), cfg, tokenizer, mask_gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with no_sync(train_model, i < accum - 1), precision.autocast():
-                    loss = train_model(x, y)
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach()
-            loss_val = float(all_reduce_mean(loss_sum / accum))
-            grad_norm = float("nan")
-            if math.isfinite(loss_val) and cfg.train.grad_clip > 0:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-            if not math.isfinite(loss_val) or (cfg.train.grad_clip > 0 and not math.isfinite(grad_norm) and not scaler):
-                optimizer.zero_grad(set_to_none=True)
-                _handle_nonfinite(state, cfg, metrics, model, optimizer, ckpt_dir, loss_val)
+            set_lr(t.optimizer, lr)
+            accum = max(1, batch_size_at(progress, cfg.train, t.per_replica_seqs, t.micro) // t.micro)
+            result = train_step(
+                t.par.train_model, t.optimizer, t.batches.take(accum), _loss, n_micro=accum, params=params,
+                autocast=t.precision.autocast, scaler=t.scaler, grad_clip=cfg.train.grad_clip, loss_parallel=t.par.loss_parallel,
+            )  # fmt: skip
+            if not result.stepped:
+                _handle_nonfinite(t, result.loss)
                 continue
             state.nan_skips = 0
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_tokens = accum * micro * dist.world_size * seq_len
+            step_tokens = accum * t.micro * t.dims.dp * cfg.model.seq_len
             state.step += 1
             state.tokens += step_tokens
             window_tokens += step_tokens
             clock.step_done()
 
-            # ---- once in a while ---------------------------------------------------------------
             if state.step % cfg.train.log_every == 0 or state.step == 1:
-                if device.type == "cuda":
+                if t.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.monotonic()
                 tps = window_tokens / max(now - window_start, 1e-9)
-                mfu = tps * flops_per_token / (peak * dist.world_size)
+                mfu = tps * flops_per_token / (t.peak * t.dist.world_size)
                 window_tokens, window_start = 0, now
                 progress = clock.progress(tokens=state.tokens, steps=state.step)
-                metrics.log("train", state.step, loss=loss_val, lr=lr, tokens=state.tokens, tokens_per_s=tps, mfu=mfu,
-                            grad_norm=grad_norm, elapsed=clock.elapsed(), progress=progress, batch_seqs=accum * micro * dist.world_size)  # fmt: skip
+                t.metrics.log("train", state.step, loss=result.loss, lr=lr, tokens=state.tokens, tokens_per_s=tps, mfu=mfu,
+                              grad_norm=result.grad_norm, elapsed=clock.elapsed(), progress=progress,
+                              batch_seqs=accum * t.micro * t.dims.dp)  # fmt: skip
                 left = f", {hms(clock.remaining())} left" if clock.budget.kind == "time" else ""
                 print0(
-                    f"step {state.step:6d} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%} | "
+                    f"step {state.step:6d} | loss {result.loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%} | "
                     f"{hms(clock.elapsed())} elapsed{left} ({progress:.0%} of budget)"
                 )
             if cfg.train.eval_every > 0 and progress >= state.next_eval:
                 with clock.overhead():
-                    val = timed("eval", evaluate)
+                    val = t.timed("eval", t.evaluate)
                 state.evals.append({"step": state.step, "elapsed": clock.elapsed(), **val})
                 state.next_eval = (math.floor(progress / cfg.train.eval_every) + 1) * cfg.train.eval_every
-                metrics.log("eval", state.step, elapsed=clock.elapsed(), **val)
+                t.metrics.log("eval", state.step, elapsed=clock.elapsed(), **val)
                 print0(f"step {state.step:6d} | val_loss {val['val_loss']:.4f}" + (f" | bits/byte {val['val_bpb']:.4f}" if "val_bpb" in val else ""))
             if time.monotonic() - last_ckpt >= cfg.train.checkpoint_every:
                 with clock.overhead():
-                    timed("save", save)
+                    t.timed("save", t.save)
                 last_ckpt = time.monotonic()
     except KeyboardInterrupt:
-        save()
-        print0(f"interrupted at step {state.step}; checkpoint saved, continue with: budgetlm pretrain --resume {run_dir}")
+        t.save()
+        print0(f"interrupted at step {state.step}; checkpoint saved, continue with: budgetlm pretrain --resume {t.run_dir}")
         raise
 
-    # ------------------------------------------------------------------------------------------
-    # validate
+
+def validate(t: Trainer) -> dict:
+    """The final evaluation, checkpoint, consolidated weights, report and summary."""
+    cfg, state, clock = t.cfg, t.state, t.clock
     if state.evals and state.evals[-1]["step"] == state.step:  # a periodic evaluation just ran
         val = {k: v for k, v in state.evals[-1].items() if k.startswith("val_")}
     else:
-        val = evaluate()
+        val = t.evaluate()
         state.evals.append({"step": state.step, "elapsed": clock.elapsed(), **val})
-    metrics.log("eval", state.step, elapsed=clock.elapsed(), final=True, **val)
-    save(done=True)
+    t.metrics.log("eval", state.step, elapsed=clock.elapsed(), final=True, **val)
+    t.save(done=True)
+    n_params = t.full.num_params()
     summary = {
         "steps": state.step,
         "tokens": state.tokens,
@@ -428,37 +558,44 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, devic
         "nan_skips_rollbacks": state.rollbacks,
         **val,
     }
-    if dist.rank == 0:
-        ckpt.save_weights(run_dir / WEIGHTS_FILE, model)
-        write_json(run_dir / "eval.json", val)
-        samples = _samples(model, data, cfg, device) if cfg.model.objective == "causal" else []
-        write_report(run_dir, cfg, summary, samples, write_plots(run_dir))
-        metrics.log("event", state.step, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    metrics.close()
+    weights = ckpt.full_model_state(t.par.model)  # consolidated on rank 0 (a collective when sharded)
+    if t.dist.rank == 0:
+        ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
+        write_json(t.run_dir / "eval.json", val)
+        samples = []
+        if cfg.model.objective == "causal":
+            model = t.par.model
+            if ckpt.is_sharded(model):  # sample from one whole copy, built from the consolidated weights
+                model = Transformer.build(cfg.model, device=t.device, seed=0)
+                ckpt.load_weights(t.run_dir / WEIGHTS_FILE, model)
+            samples = _samples(model, t.data, cfg, t.device)
+        write_report(t.run_dir, cfg, summary, samples, write_plots(t.run_dir))
+        t.metrics.log("event", state.step, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    t.metrics.close()
     print0(
         f"done: {state.step} steps, {state.tokens:,} tokens in {hms(summary['elapsed_s'])} | val_loss {val['val_loss']:.4f}"
         + (f" | bits/byte {val['val_bpb']:.4f}" if "val_bpb" in val else "")
-        + f" | report {run_dir / 'report.md'}"
+        + f" | report {t.run_dir / 'report.md'}"
     )
     return summary
 
 
-def _handle_nonfinite(state: LoopState, cfg: RunConfig, metrics: MetricsLog, model, optimizer, ckpt_dir: Path, loss_val: float) -> None:
+def _handle_nonfinite(t: Trainer, loss_val: float) -> None:
     """Skip a step with a non-finite loss or gradient; after `max_nan_skips` in a row, roll back
-    to the last checkpoint's weights and optimizer with half the learning rate. The data position
-    and the clock go on, so the batches that diverged are not replayed."""
+    to the last checkpoint's weights, optimizer and scaler with half the learning rate. The data
+    position and the clock go on, so the batches that diverged are not replayed."""
+    state, cfg = t.state, t.cfg
     state.nan_skips += 1
-    metrics.log("event", state.step, event="nonfinite_loss", loss=str(loss_val), consecutive=state.nan_skips)
+    t.metrics.log("event", state.step, event="nonfinite_loss", loss=str(loss_val), consecutive=state.nan_skips)
     print0(f"step {state.step}: non-finite loss ({loss_val}); step skipped ({state.nan_skips}/{cfg.train.max_nan_skips})")
     if state.nan_skips < cfg.train.max_nan_skips:
         return
-    loop = ckpt.load_checkpoint(ckpt_dir, model, optimizer, restore_rng=False)
-    restored = loop["loop"]
+    restored = t.restore(restore_rng=False)["loop"]
     state.step, state.tokens = restored["step"], restored["tokens"]
     state.rollbacks += 1
     state.lr_scale *= 0.5
     state.nan_skips = 0
-    metrics.log("event", state.step, event="rollback", lr_scale=state.lr_scale)
+    t.metrics.log("event", state.step, event="rollback", lr_scale=state.lr_scale)
     print0(f"rolled back to the checkpoint at step {state.step}; learning rate scaled by {state.lr_scale:g}")
 
 
@@ -478,15 +615,6 @@ def _budget_used(clock: Clock, state: LoopState) -> float:
     """The fraction of the whole budget (reserve included) the run used."""
     done = {"time": clock.elapsed(), "tokens": state.tokens, "steps": state.step}[clock.budget.kind]
     return done / clock.budget.limit
-
-
-def _gather(obj, dist: DistInfo) -> list:
-    """Per-rank objects gathered on every rank (each rank reads its own slot on resume)."""
-    if dist.world_size == 1:
-        return [obj]
-    out = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 @torch.no_grad()
@@ -517,8 +645,6 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 
 
 def pretrain_command(args) -> int:
-    from budgetlm.cli import config_overrides
-
     overrides = config_overrides(args)
     if args.resume:
         if overrides or args.recipe or args.budget or args.data or args.out:

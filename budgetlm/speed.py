@@ -110,7 +110,7 @@ def step_seconds(
 
 
 def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str, device: torch.device) -> float:
-    from budgetlm.model import Transformer
+    from budgetlm.model import Transformer, compute_loss
     from budgetlm.optim import build_optimizer
 
     rng_state = torch.get_rng_state()  # planning must not change the run's seeded initialisation
@@ -123,7 +123,7 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
         for _ in range(1 + TIMED_STEPS):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(x[:, :-1], x[:, 1:])
+                loss = compute_loss(model, x[:, :-1], x[:, 1:])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.config import ModelConfig
-from budgetlm.model import IGNORE_INDEX, Transformer, ffn_hidden_size, padded_vocab_size
+from budgetlm.model import IGNORE_INDEX, Transformer, compute_loss, ffn_hidden_size, lm_loss, padded_vocab_size
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -36,7 +36,7 @@ def test_shapes_and_loss(objective, mlp, norm):
     assert logits.shape == (3, 32, 128) and logits.dtype == torch.float32
     targets = torch.randint(0, 100, (3, 32))
     targets[:, ::2] = IGNORE_INDEX
-    loss = model(idx, targets)
+    loss = compute_loss(model, idx, targets)
     assert loss.dim() == 0 and torch.isfinite(loss)
     # a freshly initialised model predicts near-uniformly over the padded vocabulary
     assert abs(loss.item() - math.log(128)) < 1.0
@@ -115,7 +115,9 @@ def test_masked_sparse_loss_equals_dense_reference():
     targets = torch.full_like(idx, IGNORE_INDEX)
     chosen = torch.rand(idx.shape) < 0.25
     targets[chosen] = torch.randint(0, 100, (int(chosen.sum()),))
-    sparse = model(idx, targets)
+    sparse_logits = model(idx, targets=targets)  # only the masked positions are projected
+    assert sparse_logits.shape == (int(chosen.sum()), 128)
+    sparse = lm_loss(sparse_logits, targets)
     dense_logits = model(idx)  # every position through norm + output
     reference = F.cross_entropy(dense_logits[chosen], targets[chosen])
     torch.testing.assert_close(sparse, reference, atol=1e-5, rtol=1e-5)
@@ -132,7 +134,8 @@ def test_causal_loss_is_shifted_cross_entropy():
     window = torch.randint(0, 100, (2, 33))
     idx, targets = window[:, :-1], window[:, 1:]
     logits = model(idx)
-    torch.testing.assert_close(model(idx, targets), F.cross_entropy(logits.reshape(-1, 128), targets.reshape(-1)))
+    torch.testing.assert_close(compute_loss(model, idx, targets), F.cross_entropy(logits.reshape(-1, 128), targets.reshape(-1)))
+    torch.testing.assert_close(model(idx, targets=targets), logits)  # the causal objective projects every position
 
 
 def test_flops_per_token_formula():
@@ -162,3 +165,41 @@ def test_config_errors():
         Transformer(tiny(vocab_size=0))
     with pytest.raises(ValueError, match="n_kv_head"):
         Transformer(tiny(n_kv_head=3))
+
+
+def test_initialisation_does_not_depend_on_layout():
+    """Each matrix is drawn from its own (seed, name) generator: a model missing layers (a pipeline
+    stage) or wrapped for activation checkpointing gets exactly the single-process values."""
+    from budgetlm.distributed.parallelize import apply_ac
+
+    whole = Transformer.build(tiny(n_layer=3, tie_embeddings=False), seed=5)
+    stage = Transformer.on_meta(tiny(n_layer=3, tie_embeddings=False))
+    del stage.layers["0"]
+    stage.tok_embeddings = None
+    apply_ac(stage, "full")
+    stage.materialize("cpu", seed=5)
+    got = stage.state_dict()
+    assert set(got) == {k for k in whole.state_dict() if not k.startswith(("layers.0.", "tok_embeddings"))}
+    for name, t in got.items():
+        assert torch.equal(t, whole.state_dict()[name]), name
+
+
+def test_heads_per_rank_come_from_the_weights():
+    """A tensor-parallel rank holds a column slice of wq/wk/wv (fewer heads) and a row slice of wo:
+    attention infers its head count from those shapes, so the sliced module computes its share."""
+    model = build(tiny(n_kv_head=2)).eval()
+    attn = model.layers["0"].attention
+    x = torch.randn(2, 8, 64)
+    cos, sin = model.rope_cos[:8], model.rope_sin[:8]
+    full = attn(x, cos, sin)
+    hs = attn.head_dim
+    parts = []
+    for r in range(2):  # two ranks: 2 of 4 query heads, 1 of 2 key/value heads each
+        shard = type(attn)(model.cfg, 0)
+        q, kv = slice(r * 2 * hs, (r + 1) * 2 * hs), slice(r * hs, (r + 1) * hs)
+        shard.wq.weight = torch.nn.Parameter(attn.wq.weight[q])
+        shard.wk.weight = torch.nn.Parameter(attn.wk.weight[kv])
+        shard.wv.weight = torch.nn.Parameter(attn.wv.weight[kv])
+        shard.wo.weight = torch.nn.Parameter(attn.wo.weight[:, q])
+        parts.append(shard(x, cos, sin))
+    torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-5, rtol=1e-5)

@@ -155,13 +155,15 @@ def _muon_model():
 
 
 def _steps(model, opt, n, seed=0, same_batch=False):
+    from budgetlm.model import compute_loss
+
     gen = torch.Generator().manual_seed(seed)
     losses = []
     x = torch.randint(0, 64, (4, 17), generator=gen)
     for _ in range(n):
         if not same_batch:
             x = torch.randint(0, 64, (4, 17), generator=gen)
-        loss = model(x[:, :-1], x[:, 1:])
+        loss = compute_loss(model, x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -51,7 +51,7 @@ def test_partial_derivation_samples_the_whole_corpus_and_grows_on_demand(prepare
     from budgetlm.data import vocab
 
     monkeypatch.setattr(vocab, "MIN_PARTIAL_TOKENS", 0)
-    data = PreparedData(shutil.copytree(prepared_bpe, tmp_path / "data"))
+    data = PreparedData(shutil.copytree(prepared_bpe, tmp_path / "data", ignore=shutil.ignore_patterns("vocab-*")))
     total = len(data.tokens("train"))
     part = derive_vocabulary(data, 300, max_train_tokens=total // 3)
     covered = len(part.tokens("train"))

@@ -57,12 +57,21 @@ class TrainBatches:
 
     def window_indices(self, batch_size: int) -> list[int]:
         """The window indices this rank's next batch will hold (does not advance)."""
+        return [w for _, w in self._items(batch_size)]
+
+    def _items(self, batch_size: int) -> list[tuple[int, int]]:
         start = self._pos + self.rank * batch_size
         out = []
         for k in range(start, start + batch_size):
             epoch, i = self._epoch + k // self.n_windows, k % self.n_windows
-            out.append(int(self._perm(epoch)[i]))
+            out.append((epoch, int(self._perm(epoch)[i])))
         return out
+
+    def sample_ids(self, batch_size: int) -> list[int]:
+        """A number per window of this rank's next batch, unique over the whole stream
+        (epoch * n_windows + window): per-sample randomness (masking) seeded from it is the same
+        whatever the number of processes. Does not advance."""
+        return [e * self.n_windows + w for e, w in self._items(batch_size)]
 
     def next(self, batch_size: int) -> torch.Tensor:
         """A LongTensor (batch_size, seq_len + 1) of this rank's windows; advances all ranks' stream."""
@@ -99,3 +108,29 @@ def val_batches(tokens, seq_len: int, n_tokens: int, batch_size: int) -> Iterato
     for b in range(0, n, batch_size):
         idx = range(b, min(n, b + batch_size))
         yield torch.from_numpy(np.stack([tokens.get(i * seq_len, seq_len + 1) for i in idx]))
+
+
+class DeviceBatches:
+    """Batches copied to `device`: on CUDA from pinned memory with non_blocking, so the copy is
+    queued behind the GPU work already issued and the host makes the next batch meanwhile (the
+    step asks for micro-batch i+1 right after issuing i's forward and backward).
+
+    `make()` returns one CPU batch (a tensor or a tuple of tensors). Nothing is made ahead of
+    what the step takes, so the data position saved in a checkpoint is exactly what was trained."""
+
+    def __init__(self, make, device: torch.device):
+        self.make = make
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def _to_device(self, batch):
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._to_device(t) for t in batch)
+        if self.pin:
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=self.pin)
+
+    def take(self, n: int) -> Iterator:
+        """The next `n` batches, each made and copied when asked for."""
+        for _ in range(n):
+            yield self._to_device(self.make())

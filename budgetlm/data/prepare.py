@@ -366,7 +366,7 @@ def format_summary(s: dict) -> str:
 
 
 def prepare_command(args) -> int:
-    from budgetlm.cli import config_overrides
+    from budgetlm.config import config_overrides
 
     cfg = apply_overrides(PrepareConfig(), config_overrides(args))
     summary = prepare(args.inputs, args.out, cfg, force=args.force)

@@ -31,10 +31,19 @@ def evaluate_lm(
     autocast=contextlib.nullcontext,
     mlm_rate: float = 0.15,
     seed: int = 0,
+    loss_parallel: bool = False,
 ) -> dict:
-    """Mean loss over the first `n_tokens` of the validation split (the same tokens every call)."""
+    """Mean loss over the first `n_tokens` of the validation split (the same tokens every call).
+
+    Every rank of a sharded model (FSDP2 / tensor parallel) must call it: its forward has collectives.
+    `loss_parallel`: the model's logits are vocabulary-sharded DTensors (tensor parallel)."""
     from budgetlm.data.loader import val_batches
     from budgetlm.data.masking import mask_tokens
+    from budgetlm.model import compute_loss
+
+    loss_ctx = contextlib.nullcontext
+    if loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
 
     tokens = data.tokens("val")
     window = seq_len + 1
@@ -56,8 +65,10 @@ def evaluate_lm(
         n = int((y != -100).sum())
         if n == 0:
             continue
-        with autocast():
-            loss = model(x.to(device), y.to(device))
+        with loss_ctx(), autocast():
+            loss = compute_loss(model, x.to(device), y.to(device))
+        if hasattr(loss, "full_tensor"):
+            loss = loss.full_tensor()
         total += float(loss) * n
         count += n
     model.train(was_training)

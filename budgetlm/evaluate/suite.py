@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from budgetlm.errors import UserError
-from budgetlm.evaluate.metrics import majority_baseline, task_metrics
 from budgetlm.files import write_json, write_text_atomic
+from budgetlm.finetune.metrics import majority_baseline, task_metrics
 from budgetlm.finetune.tasks import Example, read_task_file
 
 TEST_SPLIT_SEED = 1234  # fixed: the test examples never change between runs, models or seeds

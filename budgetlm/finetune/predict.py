@@ -54,8 +54,8 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu", me
     """(model, tokenizer, label space, finetune.json) of a fine-tuned directory, ready to predict."""
     from safetensors.torch import load_file
 
+    from budgetlm.finetune.labels import FINETUNE_FILE, WEIGHTS_FILE, LabelSpace, file_sha256
     from budgetlm.finetune.methods import MethodOptions, apply_method, load_trainable_state, merge_lora
-    from budgetlm.finetune.train import FINETUNE_FILE, WEIGHTS_FILE, LabelSpace, file_sha256
     from budgetlm.model import Transformer
     from budgetlm.run import load_run
 

@@ -12,7 +12,6 @@ the last planned epoch. Warm-up is the first 6% of progress (RoBERTa's fine-tuni
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -25,14 +24,16 @@ import torch
 
 from budgetlm.budget import hms
 from budgetlm.errors import UserError
-from budgetlm.evaluate.metrics import main_metric, task_metrics
 from budgetlm.files import write_json
 from budgetlm.finetune.heads import TaskModel, collate, encode_examples, set_body_dropout
+from budgetlm.finetune.labels import FINETUNE_FILE, WEIGHTS_FILE, LabelSpace, file_sha256
 from budgetlm.finetune.methods import MethodOptions, apply_method, trainable_report, trainable_state_dict
+from budgetlm.finetune.metrics import main_metric, task_metrics
+from budgetlm.finetune.predict import predict_examples
 from budgetlm.finetune.tasks import Columns, Example, infer_format, read_task_file
+from budgetlm.train_step import train_step
 
-FINETUNE_FILE = "finetune.json"
-WEIGHTS_FILE = "head_and_method.safetensors"
+__all__ = ["FINETUNE_FILE", "WEIGHTS_FILE", "Base", "FinetuneConfig", "LabelSpace", "Result", "file_sha256", "fit", "load_base", "save_finetuned"]
 
 # Peak learning rates by method. Full fine-tuning: 1e-4 for a body of BERT-base's width, a little
 # above its usual 2e-5..5e-5 because budget runs are short, scaled by width (see default_lr).
@@ -83,55 +84,6 @@ class FinetuneConfig:
 
 
 @dataclass
-class LabelSpace:
-    """What the head predicts: class/tag names (by index), or the regression target's scale."""
-
-    task: str
-    labels: list[str] | None = None
-    stats: dict | None = None  # regress: mean, std of the training targets
-    fallback: object = None  # the majority label: for words cut off by truncation
-
-    @classmethod
-    def from_examples(cls, task: str, examples: list[Example]) -> LabelSpace:
-        if task == "regress":
-            ys = [float(e.label) for e in examples]
-            mean = sum(ys) / len(ys)
-            std = math.sqrt(sum((y - mean) ** 2 for y in ys) / len(ys)) or 1.0
-            return cls(task, None, {"mean": mean, "std": std}, mean)
-        flat = [t for e in examples for t in e.label] if task == "tag" else [e.label for e in examples]
-        counts: dict[str, int] = {}
-        for t in flat:
-            counts[t] = counts.get(t, 0) + 1
-        labels = sorted(counts, key=_natural_key)
-        if task != "tag" and len(labels) < 2:
-            raise UserError(f"the training data has a single label ({labels[0]!r}); classification needs at least two")
-        return cls(task, labels, None, max(counts, key=counts.get))
-
-    @property
-    def index(self) -> dict[str, int] | None:
-        return {name: i for i, name in enumerate(self.labels)} if self.labels is not None else None
-
-    def num_labels(self) -> int:
-        return len(self.labels) if self.labels is not None else 1
-
-    def check_known(self, examples: list[Example], where: str) -> None:
-        if self.labels is None:
-            return
-        known = set(self.labels)
-        seen = {t for e in examples for t in (e.label if self.task == "tag" else [e.label])}
-        unseen = sorted(seen - known, key=_natural_key)
-        if unseen:
-            raise UserError(f"{where} has label(s) not seen in training: {', '.join(map(repr, unseen[:5]))} (training labels: {len(known)})")
-
-
-def _natural_key(label: str):
-    try:
-        return (0, float(label), "")
-    except ValueError:
-        return (1, 0.0, label)
-
-
-@dataclass
 class Base:
     """What a fine-tuning run starts from: the body, its tokenizer and where they came from."""
 
@@ -170,14 +122,6 @@ def load_base(run_dir: str | Path, device: str | torch.device = "cpu", random_in
         "random_init": random_init,
     }
     return Base(body, tok, Path(run_dir), info)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -222,10 +166,13 @@ class Result:
 # fit
 
 
+def _task_loss(model: TaskModel, batch: dict) -> torch.Tensor:
+    return model.loss(model(batch["idx"], batch["lengths"]), batch["labels"])
+
+
 def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneConfig, log=print, metrics_log=None) -> Result:
     """Fine-tune `base.body` on `train`, early-stopping on `valid`; returns the model in its best state."""
     from budgetlm.budget import Clock, parse_budget
-    from budgetlm.finetune.predict import predict_examples
 
     device = resolve_device(cfg.device)
     precision, autocast = autocast_for(cfg.precision, device)
@@ -260,6 +207,7 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.999), eps=1e-8
     )
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     clock = Clock(parse_budget(cfg.budget)) if cfg.budget else None
 
@@ -296,24 +244,11 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
             batch = collate([encoded[i] for i in order[b : b + cfg.batch_size]], pad_id, cfg.task)
             batch = {k: v.to(device) for k, v in batch.items()}
             model.train()
-            with autocast():
-                out = model(batch["idx"], batch["lengths"])
-            loss = model.loss(out, batch["labels"])
-            if not torch.isfinite(loss):
+            result = train_step(model, optimizer, [batch], _task_loss, n_micro=1, params=trainable, autocast=autocast,
+                                scaler=scaler, grad_clip=cfg.grad_clip, reduce_loss=False)  # fmt: skip
+            if not result.stepped and not math.isfinite(result.loss):
                 raise UserError(f"non-finite loss at step {step + 1}; lower --lr (now {peak:g})")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            loss_val = result.loss
             step += 1
             n_tokens = int(batch["lengths"].sum())
             seen += n_tokens
@@ -327,11 +262,11 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
                 elapsed = time.monotonic() - start
                 left = f", {hms(clock.remaining())} left" if clock and clock.budget.kind == "time" else ""
                 log(
-                    f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {eps:,.0f} ex/s | "
+                    f"step {step:6d} | loss {loss_val:.4f} | lr {lr:.2e} | {eps:,.0f} ex/s | "
                     f"{hms(elapsed)} elapsed{left} ({progress:.0%} of budget)"
                 )
                 if metrics_log:
-                    metrics_log.log("train", step, loss=loss.item(), lr=lr, examples_per_s=eps, elapsed=elapsed, progress=progress)
+                    metrics_log.log("train", step, loss=loss_val, lr=lr, examples_per_s=eps, elapsed=elapsed, progress=progress)
             if step % eval_every == 0 or step >= planned:
                 overhead = clock.overhead() if clock else contextlib.nullcontext()
                 with overhead:
