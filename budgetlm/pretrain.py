@@ -558,6 +558,11 @@ def validate(t: Trainer) -> dict:
         "nan_skips_rollbacks": state.rollbacks,
         **val,
     }
+    plan_file = t.run_dir / PLAN_FILE
+    if plan_file.is_file() and clock.budget.kind == "time":  # how well the planner predicted this device's speed
+        planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
+        summary["planned_tokens"] = round(planned)
+        summary["tokens_vs_plan"] = round(state.tokens / max(planned, 1), 3)
     weights = ckpt.full_model_state(t.par.model)  # consolidated on rank 0 (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)

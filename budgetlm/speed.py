@@ -4,7 +4,8 @@ The budget-derived defaults need to know how many tokens a candidate model would
 budget. FLOP counts alone mislead at the sizes a short budget calls for: a 0.5M-parameter
 model on a CPU spends most of its step in per-operation overhead, not in matrix units, so a
 model half the size is far less than twice as fast. So we time it: a few real optimizer steps
-(forward, backward, clipping, optimizer) of the candidate at its micro-batch, on random tokens.
+(forward, backward, clipping, optimizer) of the candidate at its micro-batch, on random tokens,
+after two warm-up steps, keeping the fastest of three.
 
 Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
 device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
@@ -18,7 +19,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -29,7 +29,9 @@ from budgetlm.config import ModelConfig, TrainConfig
 from budgetlm.files import write_json
 
 CACHE_FILE = "speed.json"
-TIMED_STEPS = 2  # after one warm-up step; the median is kept
+METHOD = 2  # part of the cache key: a change in how steps are timed invalidates old timings
+WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
+TIMED_STEPS = 3  # the fastest is kept: noise on a shared machine only ever slows a step down
 
 
 def cache_path() -> Path:
@@ -58,6 +60,7 @@ def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: st
             "device": device_name(device),
             "torch": torch.__version__,
             "budgetlm": __version__,
+            "method": METHOD,
             "model": dataclasses.asdict(model_cfg),
             "micro": micro,
             "precision": precision,
@@ -120,7 +123,7 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         x = torch.randint(0, model_cfg.vocab_size, (micro, model_cfg.seq_len + 1), device=device)
         times = []
-        for _ in range(1 + TIMED_STEPS):
+        for _ in range(WARMUP_STEPS + TIMED_STEPS):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = compute_loss(model, x[:, :-1], x[:, 1:])
@@ -132,7 +135,7 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+        return min(times[WARMUP_STEPS:])
     finally:
         torch.set_rng_state(rng_state)
         if device.type == "cuda":

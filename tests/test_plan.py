@@ -128,3 +128,4 @@ def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp
     small = load_run(tmp_path / "small")
     assert small.tokenizer.vocab_size == 300 and small.config.data.endswith("vocab-300")
     assert main(["eval", str(tmp_path / "small"), "--json"]) == 0
+    assert main(["eval", str(tmp_path / "small"), "--data", str(prepared_bpe), "--json"]) == 0  # finds the derived data

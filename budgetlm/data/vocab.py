@@ -71,6 +71,15 @@ def derived_path(data: PreparedData, vocab_size: int) -> Path:
     return data.path / f"{DERIVED_PREFIX}{vocab_size}"
 
 
+def find_derived(data: PreparedData, tokenizer_sha256: str) -> PreparedData | None:
+    """The vocabulary already derived from `data` whose tokenizer has this hash, if any."""
+    for path in sorted(data.path.glob(f"{DERIVED_PREFIX}*")):
+        manifest = shards.read_manifest(path)
+        if manifest and manifest["tokenizer"].get("sha256") == tokenizer_sha256:
+            return PreparedData(path)
+    return None
+
+
 def derive_vocabulary(data: PreparedData, vocab_size: int, *, max_train_tokens: int = 0, log=None) -> PreparedData:
     """`data` re-tokenized with its first `vocab_size` ids, cached at `<data>/vocab-<V>/`.
 
