@@ -193,6 +193,7 @@ class Transformer(nn.Module):
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.tok_embeddings = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.embed_norm = make_norm(cfg, cfg.n_embd) if cfg.embed_norm else None  # Cramming's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg, cfg.n_embd)
@@ -225,7 +226,7 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """N(0, init_std) for every matrix; the two projections that write into the residual stream
         (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
-        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed."""
+        so the residual's variance does not grow with depth. Norm weights 1 (embed_norm included), rotary tables recomputed."""
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():  # fixed order -> deterministic under manual_seed
@@ -258,7 +259,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
         cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
         sin = self.rope_sin[start_pos : start_pos + T]
-        x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        x = self.dropout(x if self.embed_norm is None else self.embed_norm(x))
         for layer in self.layers.values():
             x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
         return x
