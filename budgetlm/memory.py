@@ -103,7 +103,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     attn = C * C + 2 * C * c_kv + C * C  # wq, wk, wv, wo
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * C * F
     norms = 2 * C + (2 * head_dim if cfg.qk_norm else 0)
-    other = C + (C if getattr(cfg, "embed_norm", False) else 0)
+    other = C + (C if cfg.embed_norm else 0)
     return ParamCount(
         embedding=V * C,
         output=0 if cfg.tie_embeddings else V * C,
@@ -136,7 +136,8 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """A short human-readable breakdown (MiB)."""
-        rows = [(k, getattr(self, k)) for k in ("weights", "gradients", "optimizer_state", "activations", "recompute", "logits_loss", "autocast_weights", "overhead")]
+        names = ("weights", "gradients", "optimizer_state", "activations", "recompute", "logits_loss", "autocast_weights", "overhead")
+        rows = [(k, getattr(self, k)) for k in names]
         rows.append(("total (peak at " + self.peak_at + ")", self.total))
         if self.host:
             rows.append(("host (offloaded)", self.host))
