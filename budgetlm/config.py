@@ -51,6 +51,7 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "rotary position embedding base")
     tie_embeddings: bool = opt(True, "share the input embedding and output projection")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
+    embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")

@@ -230,6 +230,7 @@ class Transformer(nn.Module):
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.tok_embeddings = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.embed_norm = make_norm(cfg, cfg.n_embd) if cfg.embed_norm else None  # Cramming's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg, cfg.n_embd)
@@ -272,7 +273,7 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for every matrix; the two projections that write into the residual stream
         (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
-        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed.
+        so the residual's variance does not grow with depth. Norm weights 1 (embed_norm included), rotary tables recomputed.
 
         Each matrix is drawn from its own generator, seeded by `seed` (default: one draw from torch's
         global generator) and the parameter's name, so the values do not depend on the layout: a
@@ -318,7 +319,11 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
         cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
         sin = self.rope_sin[start_pos : start_pos + T]
-        x = self.dropout(self.tok_embeddings(idx)) if self.tok_embeddings is not None else idx  # (B, T, C)
+        if self.tok_embeddings is not None:  # a pipeline stage after the first gets hidden states
+            x = self.tok_embeddings(idx)  # (B, T, C)
+            x = self.dropout(x if self.embed_norm is None else self.embed_norm(x))
+        else:
+            x = idx
         for layer in self.layers.values():  # a pipeline stage holds only its own layers (keys unchanged)
             x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
         return x

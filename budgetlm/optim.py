@@ -223,9 +223,9 @@ def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
 
     Every schedule warms up linearly from 0 at progress 0 to 1 at `warmup`, then:
     - linear: straight down to `min_lr_ratio` at progress 1.
-    - one-cycle: the same triangle, meant with a long warm-up (Cramming's budget triangle
-      peaks mid-budget; our bert-24h recipe sets warmup 0.5). Cramming's starts at 25% of the
-      peak instead of 0.
+    - one-cycle: the same triangle, meant with a long warm-up (Cramming's `budget-triangle2`
+      peaks at 75% of the budget; our bert-24h recipe sets warmup 0.75). Cramming's starts at
+      25% of the peak instead of 0.
     - wsd (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; Hägele et al. 2024): flat at 1, then
       linear down to `min_lr_ratio` over the last `cooldown` of the budget (the decay starts at
       warm-up end if the two overlap). Linear rather than MiniCPM's exponential decay, so it
