@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", required=True, help="24h | 90m | 300s | tokens:2e9 | steps:5000")
     pl.add_argument("--device", choices=["cpu", "cuda"], help="time candidates on this machine's CPU or GPU (default: the GPU if there is one)")
     pl.add_argument("--gpu", help="plan for a GPU that is not here (H100, A100, 4090, ...): speeds estimated from its peak")
+    pl.add_argument("--memory", help="memory of one device (e.g. 24GB; default: this GPU's, half this machine's RAM, or the GPU table's)")
     pl.add_argument("--data", help="prepared data directory: its vocabulary caps the model's")
     pl.add_argument("--params", help="plan a model of about this size instead (e.g. 124M, 1.5e9)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a key you set yourself (it wins), e.g. model.n_layer=4")

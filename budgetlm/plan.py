@@ -56,6 +56,7 @@ BATCH_K, BATCH_EXP = 0.125, 0.3271
 LR_K, LR_EXP = 0.165, -0.125
 CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy without swapping
 GPU_MICRO_TOKENS = 16384
+MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
 ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
 # the architecture and optimizer measured best at equal wall clock (bench/results/quality.md)
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": False, "tie_embeddings": True}
@@ -102,6 +103,8 @@ class Plan:
     mfu: float | None
     micro_batch: int
     accumulation: int
+    memory: dict = field(default_factory=dict)  # per device, bytes: {saver: {term: bytes}}
+    device_memory: float = 0
     reasons: list[Reason] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
 
@@ -180,9 +183,18 @@ class Planner:
     is not here, estimating their speed from its peak FLOP/s and a typical MFU)."""
 
     def __init__(
-        self, device: torch.device | None, *, gpu_name: str = "", vocab_cap: int = 0, vocab_derivable: bool = True, world_size: int = 1, log=None
+        self,
+        device: torch.device | None,
+        *,
+        gpu_name: str = "",
+        memory: float = 0,
+        vocab_cap: int = 0,
+        vocab_derivable: bool = True,
+        world_size: int = 1,
+        log=None,
     ):
         self.device = device
+        self.memory = memory or self._default_memory(device, gpu_name)  # bytes one device may use
         self.world_size = world_size  # data-parallel processes: each trains at the measured speed
         self.gpu_name = gpu_name
         self.vocab_cap = vocab_cap  # the prepared vocabulary: the largest a run can use (0 = unknown)
@@ -190,6 +202,25 @@ class Planner:
         self.log = log or (lambda msg: None)
         self.device_type = device.type if device is not None else "cuda"
         self.measured = device is not None
+
+    @staticmethod
+    def _default_memory(device, gpu_name: str) -> float:
+        from budgetlm.hardware import device_memory, gpu_memory
+
+        if device is not None:
+            return device_memory(device)
+        known = gpu_memory(gpu_name)
+        if known is None:
+            raise UserError(f"memory of GPU '{gpu_name}' unknown; pass --memory (e.g. --memory 24GB)")
+        return known
+
+    def fits(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str, checkpointing: str = "none") -> bool:
+        from budgetlm.memory import estimate_memory
+
+        est = estimate_memory(
+            cfg, micro_batch=micro, precision=precision, optimizer=optimizer, activation_checkpointing=checkpointing, device_type=self.device_type
+        )
+        return est.total <= MEMORY_HEADROOM * self.memory
 
     def vocab_for(self, n_nv: int) -> int:
         v = vocab_rule(n_nv)
@@ -249,7 +280,12 @@ class Planner:
         depths = [fixed["n_layer"]] if "n_layer" in fixed else range(1, MAX_DEPTH + 1)
         for depth in depths:
             cfg = self.candidate_model(depth, fixed, arch)
-            tps, _, _ = self.speed(cfg, self.probe_micro(cfg), precision, optimizer)
+            if "n_layer" not in fixed and not self.fits(cfg, 1, "bf16" if precision == "auto" else precision, optimizer, "full"):
+                self.log(f"  depth {depth:2d}: does not fit in {self.memory / 1e9:.0f} GB even with activation checkpointing")
+                break
+            tps, _, _ = self.speed(cfg, self.probe_micro(cfg), precision, optimizer) if self.fits(cfg, 1, "bf16", optimizer, "full") else (0, "", {})
+            if tps <= 0 and "n_layer" in fixed:  # the size asked for does not fit one device: estimate its speed
+                tps = self.world_size * (peak_of(self) or 0) * ASSUMED_GPU_MFU / flops_per_token(cfg)
             if tps <= 0:
                 break  # does not fit in memory: larger ones will not either
             n = total_params(cfg)
@@ -264,6 +300,14 @@ class Planner:
         if not out:
             raise UserError("not even the smallest model fits on this device")
         return out
+
+
+def peak_of(planner: Planner) -> float | None:
+    from budgetlm.hardware import gpu_peak_flops, peak_flops
+
+    if planner.device is None:
+        return gpu_peak_flops(planner.gpu_name)
+    return peak_flops(planner.device, torch.bfloat16)[0]
 
 
 def user_fixed(cfg: RunConfig, user_keys: set[str]) -> tuple[dict, dict]:
@@ -328,6 +372,9 @@ def make_plan(
     batch = fixed_train.get("batch_tokens") or batch_rule(compute, model.seq_len)
     lr = fixed_train.get("lr") or lr_rule(compute)
     micro = micro_batch_for(max(1, batch // model.seq_len), model.seq_len, planner.device_type)
+    prec_guess = precision if precision != "auto" else "bf16"
+    while micro > 1 and not planner.fits(model, micro, prec_guess, optimizer):
+        micro = max(d for d in range(1, micro) if (batch // model.seq_len) % d == 0)
     accum = max(1, batch // model.seq_len // micro)
     tps, run_precision, speeds = best.tokens_per_s, (precision if precision != "auto" else "bf16"), {}
     if planner.measured and budget.kind == "time":  # the chosen one at its real micro-batch
@@ -383,6 +430,7 @@ def make_plan(
 
         peak = peak_flops(planner.device, {"bf16": torch.bfloat16}.get(run_precision, torch.float32))[0]
     model_keys = {k: getattr(model, k) for k in ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)}
+    memory = memory_table(model, micro, run_precision, optimizer, planner)
     return Plan(
         budget=str(budget),
         device=planner.gpu_name or (str(planner.device) if planner.device is not None else "?"),
@@ -399,6 +447,8 @@ def make_plan(
         mfu=(tps * flops_per_token(model) / peak) if peak else None,
         micro_batch=micro,
         accumulation=accum,
+        memory=memory,
+        device_memory=planner.memory,
         reasons=reasons,
         candidates=[
             {
@@ -416,6 +466,27 @@ def make_plan(
 
 def plan_from_dict(d: dict) -> Plan:
     return Plan(**{**d, "reasons": [Reason(**r) for r in d.get("reasons", [])]})
+
+
+def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str, planner: Planner) -> dict:
+    """The estimate per device (`budgetlm.memory`) for the plan and for each memory saver alone."""
+    from budgetlm.memory import estimate_memory
+
+    variants = {
+        "as planned": {},
+        "activation checkpointing": {"activation_checkpointing": "full"},
+        "8-bit AdamW": {"optimizer": "adamw8bit"},
+        "CPU offload": {"cpu_offload": True},
+    }
+    out = {}
+    for name, extra in variants.items():
+        kw = {"micro_batch": micro, "precision": precision, "optimizer": optimizer, "device_type": planner.device_type, **extra}
+        est = estimate_memory(model, **kw)
+        out[name] = {k: est.as_dict()[k] for k in ("weights", "gradients", "optimizer_state", "activations", "logits_loss", "total", "host")}
+    if planner.world_size == 1 and out["as planned"]["total"] > MEMORY_HEADROOM * planner.memory:
+        est = out["as planned"]["total"]
+        out["layout"] = {"dp_shard": math.ceil(est / (MEMORY_HEADROOM * planner.memory))}  # FSDP2 over this many devices
+    return out
 
 
 def apply_plan(cfg: RunConfig, plan: Plan) -> None:
@@ -436,9 +507,20 @@ def format_plan(plan: Plan) -> str:
         f"{t['schedule']} schedule, {t['precision']}",
         f"expect  {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens / 1e6:,.1f}M tokens ({plan.tokens / plan.params:.1f} per parameter), "
         f"{plan.flops:.2g} FLOPs" + (f", MFU {plan.mfu:.0%}" if plan.mfu else ""),
-        "why:",
-        *[f"  {r.key} = {r.value}: {r.rule}" for r in plan.reasons],
     ]
+    if plan.memory:
+        gb = lambda b: f"{b / 2**30:,.2f} GiB" if b >= 2**30 else f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        p = plan.memory["as planned"]
+        lines.append(
+            f"memory  {gb(p['total'])} per device of {gb(plan.device_memory)}: weights {gb(p['weights'])}, gradients {gb(p['gradients'])}, "
+            f"optimizer {gb(p['optimizer_state'])}, activations {gb(p['activations'])}, logits and loss {gb(p['logits_loss'])} "
+            f"(micro-batch {plan.micro_batch})"
+        )
+        savers = [f"{k} {gb(v['total'])}" for k, v in plan.memory.items() if k not in ("as planned", "layout")]
+        lines.append(f"        with {', '.join(savers)}")
+        if "layout" in plan.memory:
+            lines.append(f"        does not fit one device: shard it with FSDP2 over {plan.memory['layout']['dp_shard']} devices (parallel.dp_shard)")
+    lines += ["why:", *[f"  {r.key} = {r.value}: {r.rule}" for r in plan.reasons]]
     if len(plan.candidates) > 1:
         lines.append("candidates (depth: parameters, tokens/s, tokens in the budget, predicted loss):")
         for c in plan.candidates:
@@ -457,6 +539,18 @@ def parse_count(text: str) -> float:
         raise UserError(f"cannot read '{text}' as a count (e.g. 124M, 1.5B, 3e8)") from None
 
 
+def parse_bytes(text: str) -> float:
+    """'24GB', '80G', '512MiB' -> bytes (decimal units; the i forms binary)."""
+    t = str(text).strip().upper().replace(" ", "")
+    for suffix, scale in (("GIB", 2**30), ("MIB", 2**20), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if t.endswith(suffix):
+            try:
+                return float(t[: -len(suffix)]) * scale
+            except ValueError:
+                break
+    raise UserError(f"cannot read '{text}' as a memory size (e.g. 24GB, 80G, 512MiB)")
+
+
 def plan_command(args) -> int:
     import json
 
@@ -472,13 +566,14 @@ def plan_command(args) -> int:
     if args.data:
         data = PreparedData(args.data)
         vocab_cap, derivable = data.vocab_size, can_derive(data.tokenizer)
+    memory = parse_bytes(args.memory) if args.memory else 0
     if args.gpu:
-        planner = Planner(None, gpu_name=args.gpu, vocab_cap=vocab_cap, vocab_derivable=derivable)
+        planner = Planner(None, gpu_name=args.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable)
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU here; pass --gpu NAME to plan for one from its datasheet")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        planner = Planner(device, vocab_cap=vocab_cap, vocab_derivable=derivable, log=None if args.json else _stderr)
+        planner = Planner(device, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, log=None if args.json else _stderr)
     plan = make_plan(budget, planner, fixed_model=fixed_model, fixed_train=fixed_train, target_params=parse_count(args.params) if args.params else 0)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0

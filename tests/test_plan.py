@@ -100,7 +100,14 @@ def test_plan_command_for_a_gpu_that_is_not_here(capsys):
     assert main(["plan", "--budget", "2h", "--gpu", "A100", "--params", "124M", "--json"]) == 0
     assert 100e6 <= json.loads(capsys.readouterr().out)["params"] <= 150e6
     assert main(["plan", "--budget", "1h", "--gpu", "Voodoo2"]) == 2
+    assert "memory of GPU 'Voodoo2' unknown" in capsys.readouterr().err
+    assert main(["plan", "--budget", "1h", "--gpu", "Voodoo2", "--memory", "12GB"]) == 2
     assert "no peak FLOP/s known" in capsys.readouterr().err
+    # a size that does not fit one device gets a sharded layout
+    assert main(["plan", "--budget", "24h", "--gpu", "RTX 4090", "--params", "1.5B", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["memory"]["as planned"]["total"] > 0.9 * plan["device_memory"] and plan["memory"]["layout"]["dp_shard"] >= 2
+    assert plan["memory"]["activation checkpointing"]["activations"] < plan["memory"]["as planned"]["activations"]
 
 
 def test_plan_command_times_this_cpu(capsys, tmp_path, monkeypatch, prepared_bpe):
