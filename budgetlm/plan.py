@@ -11,9 +11,9 @@ overhead, so halving it buys far fewer than twice the tokens, and a FLOP count w
 model much too small.
 
 Every rule, with its source, lands in the run's report and in `budgetlm plan`:
-- loss(N, D) = E + A / N^alpha + B / D^beta, Chinchilla's form (Hoffmann et al. 2022) with the
-  constants of the replication by Besiroglu et al. 2024 (E 1.82, A 482, B 2085, alpha 0.348,
-  beta 0.366; N counts every parameter, embeddings included, D tokens).
+- loss(N, D) = E + A / N^alpha + B / D^beta with Chinchilla's constants (Hoffmann et al. 2022,
+  approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; N counts every parameter,
+  embeddings included, D tokens), which rank the depths the way this project measured them.
 - vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
   parameters grow as the non-vocabulary parameters to the power 0.83; with width growing as
   N_nv^(1/3) in this family that is V proportional to N_nv^0.5, anchored at this project's
@@ -45,22 +45,26 @@ ASPECT = 64  # width per layer: nanochat's model_dim = 64 x depth
 HEAD_DIM = 64
 MAX_DEPTH = 40
 MIN_SEQ, MAX_SEQ = 128, 2048
-# Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", table 1
-LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.82, 482.01, 2085.43, 0.3478, 0.3658
+# Hoffmann et al. 2022 ("Chinchilla"), approach 3: L = E + A / N^alpha + B / D^beta. Measured here at 90 s
+# on a CPU (bench/results/quality.md): depth 1 / 2 / 3 reached 2.29 / 2.16 / 2.31 bits per byte; these
+# constants rank them the same way, while the replication's (Besiroglu et al. 2024: 1.82, 482, 2085,
+# 0.348, 0.366) weighs data more and picks depth 1.
+LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock trades size for speed
 # vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two
 VOCAB_ANCHOR, VOCAB_ANCHOR_NNV = 2048, 426_000
 MIN_VOCAB, MAX_VOCAB = 512, 65536
 # batch tokens = BATCH_K x C^0.3271 and lr = LR_K x C^-0.125 (DeepSeek's exponents; C in FLOPs)
 BATCH_K, BATCH_EXP = 0.125, 0.3271
-LR_K, LR_EXP = 0.165, -0.125
+LR_K, LR_EXP = 0.165, -0.125  # AdamW
+MUON_LR_K = 0.62  # Muon (RMS-matched): 1.6e-2 at 90 s on a CPU, where 8e-3 and 3.2e-2 did worse without QK-norm
 CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy without swapping
 GPU_MICRO_TOKENS = 16384
 MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
 ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
 # the architecture and optimizer measured best at equal wall clock (bench/results/quality.md)
-DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": False, "tie_embeddings": True}
-DEFAULT_OPTIMIZER = "adamw"
+DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
+DEFAULT_OPTIMIZER = "muon"
 WARMUP = 0.02
 
 # the keys the planner may choose; any the user sets wins
@@ -160,8 +164,8 @@ def batch_rule(compute: float, seq_len: int) -> int:
     return max(seq_len, tokens // seq_len * seq_len)
 
 
-def lr_rule(compute: float) -> float:
-    return float(f"{LR_K * compute**LR_EXP:.2g}")
+def lr_rule(compute: float, optimizer: str = "adamw") -> float:
+    return float(f"{(MUON_LR_K if optimizer == 'muon' else LR_K) * compute**LR_EXP:.2g}")
 
 
 def predicted_loss(params: float, tokens: float) -> float:
@@ -370,7 +374,7 @@ def make_plan(
     model = best.model
     compute = best.flops_per_token * best.tokens
     batch = fixed_train.get("batch_tokens") or batch_rule(compute, model.seq_len)
-    lr = fixed_train.get("lr") or lr_rule(compute)
+    lr = fixed_train.get("lr") or lr_rule(compute, optimizer)
     micro = micro_batch_for(max(1, batch // model.seq_len), model.seq_len, planner.device_type)
     prec_guess = precision if precision != "auto" else "bf16"
     while micro > 1 and not planner.fits(model, micro, prec_guess, optimizer):
@@ -403,7 +407,8 @@ def make_plan(
         rule = f"{BATCH_K} x C^{BATCH_EXP} tokens for C = {compute:.2g} FLOPs (DeepSeek-AI 2024 exponent, constant fit here)"
         reasons.append(Reason("train.batch_tokens", batch, rule))
     if "lr" not in fixed_train:
-        rule = f"{LR_K} x C^{LR_EXP} (DeepSeek-AI 2024 exponent, constant fit here; 6e-4 at a GPU day as GPT-2 small)"
+        k = MUON_LR_K if optimizer == "muon" else LR_K
+        rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
     for key, value, rule in (
