@@ -305,7 +305,7 @@ def _hf_timed(corpus: str, budget_s: float, cfg: dict) -> dict:
         return Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[clock] if clock else [])
 
     # calibration: the same Trainer, a few steps per precision; step time = mean interval after warm-up
-    n_cal, n_skip = 30, 6
+    n_cal, n_skip = 24, 5
     calib = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         clock = Clock()
@@ -324,10 +324,15 @@ def _hf_timed(corpus: str, budget_s: float, cfg: dict) -> dict:
         f"{precision}, max_steps {max_steps} (fixed {c['fixed_s']:.2f} s)")  # fmt: skip
 
     model = make_model()
-    tr = trainer_for(model, max_steps, precision == "bf16", warmup_steps)
+    clock = Clock()
+    tr = trainer_for(model, max_steps, precision == "bf16", warmup_steps, clock)
     t0 = time.perf_counter()
     out = tr.train()
     train_s = time.perf_counter() - t0
+    gaps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    q = max(1, len(gaps) // 4)
+    step_times = {"mean_s": round(statistics.mean(gaps), 5), "first_quarter_s": round(statistics.mean(gaps[:q]), 5),
+                  "last_quarter_s": round(statistics.mean(gaps[-q:]), 5)} if gaps else {}  # fmt: skip
     steps = tr.state.global_step
     losses = [r["loss"] for r in tr.state.log_history if "loss" in r]
 
@@ -340,7 +345,7 @@ def _hf_timed(corpus: str, budget_s: float, cfg: dict) -> dict:
     return {
         "steps": steps, "max_steps": max_steps, "tokens": steps * cfg["batch_tokens"], "train_s": round(train_s, 2),
         "budget_used": round(train_s / budget_s, 4), "budget_overrun_s": round(train_s - budget_s, 2),
-        "precision": precision, "calibration": {k: {kk: round(vv, 5) for kk, vv in v.items()} for k, v in calib.items()},
+        "precision": precision, "step_times": step_times, "calibration": {k: {kk: round(vv, 5) for kk, vv in v.items()} for k, v in calib.items()},
         "params": n_params, "epochs": round(steps * cfg["batch_tokens"] / len(ids), 3),
         "heldout_bpb": round(score["bpb"], 5), "heldout": score, "score_s": round(time.perf_counter() - t1, 1),
         "own": {"final_train_loss": losses[-1] if losses else None, "train_loss_mean": round(out.training_loss, 5)},
@@ -388,6 +393,40 @@ def sweep(corpus: str, budget_s: float, configs: list[dict], pin: bool = True, r
             run_hf(corpus, budget_s, overrides, pin, results)
         except SystemExit as e:
             log(f"FAILED {hf_config_label(cfg)}: {e}")
+
+
+def job_key(job: dict) -> tuple:
+    if job["system"] == "hf-trainer":
+        return ("hf-trainer", job["corpus"], float(job["budget"]), hf_config_label(hf_config(job.get("config", {}))))
+    return ("budgetlm", job["corpus"], float(job["budget"]), job.get("label") or f"defaults @ {git_commit()}")
+
+
+def record_key(r: dict) -> tuple:
+    return (r["system"], r["corpus"], float(r["budget_s"]), r["config_label"] if r["system"] == "hf-trainer" else r["label"])
+
+
+def queue(path: Path, pin: bool = True, results: Path = RESULTS) -> None:
+    """Run the jobs of a JSON-lines queue file in order, one at a time, skipping those already recorded.
+
+    The file is re-read before every job, so jobs can be added, removed or reordered while it runs.
+    A job: {"system": "hf-trainer", "corpus": C, "budget": S, "config": {...}} or
+    {"system": "budgetlm", "corpus": C, "budget": S, "set": [...], "label": L}."""
+    failed: set = set()
+    while True:
+        done = {record_key(r) for r in read_jsonl(results)} if results.exists() else set()
+        jobs = [j for j in read_jsonl(path) if job_key(j) not in done and job_key(j) not in failed]
+        if not jobs:
+            log("queue empty")
+            return
+        job = jobs[0]
+        try:
+            if job["system"] == "hf-trainer":
+                run_hf(job["corpus"], float(job["budget"]), job.get("config", {}), pin, results)
+            else:
+                run_budgetlm(job["corpus"], float(job["budget"]), job.get("set", []), pin, results, job.get("label", ""))
+        except (SystemExit, subprocess.CalledProcessError, OSError) as e:
+            log(f"FAILED {job}: {e}")
+            failed.add(job_key(job))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +597,10 @@ def main(argv=None) -> int:
             s.add_argument("--configs", help="a JSON file: a list of HF config overrides")
         if name == "budgetlm":
             s.add_argument("--set", action="append", default=[], help="extra pretrain override key=value")
+    s = sub.add_parser("queue")
+    s.add_argument("file")
+    s.add_argument("--no-pin", action="store_true")
+    s.add_argument("--results", default=str(RESULTS))
     s = sub.add_parser("report")
     s.add_argument("--results", default=str(RESULTS))
     a = p.parse_args(argv)
@@ -572,6 +615,8 @@ def main(argv=None) -> int:
         sweep(a.corpus, a.budget, configs, not a.no_pin, Path(a.results))
     elif a.cmd == "budgetlm":
         run_budgetlm(a.corpus, a.budget, a.set, not a.no_pin, Path(a.results), a.label)
+    elif a.cmd == "queue":
+        queue(Path(a.file), not a.no_pin, Path(a.results))
     elif a.cmd == "report":
         print(report(Path(a.results)))
     return 0
