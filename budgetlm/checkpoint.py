@@ -308,8 +308,13 @@ def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model_state = full_model_state(model)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_full_options()) if optimizer is not None else None
-    return model_state, optim_state
+    if optimizer is None:
+        return model_state, None
+    if not optimizer.state:
+        # before the first step: get_optimizer_state_dict would initialise the state with a zero-gradient
+        # step, which advances Adam's step count and changes the bias correction of the real first step
+        return model_state, optimizer_state_by_name(model, optimizer, optimizer.state_dict())
+    return model_state, get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
 def _check_shapes(model: nn.Module, path: Path) -> None:
@@ -342,12 +347,17 @@ def _load_sharded(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     state = _read_weights_file(d / MODEL_FILE) if rank0 else {}
     set_model_state_dict(model, state, options=options)
     if optimizer is not None:
+        from budgetlm.distributed import broadcast_object
+
         opt_state = {}
         if rank0:
             opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
             if not any(isinstance(k, str) for k in opt_state.get("state", {})):
                 opt_state = optimizer_state_by_name(model, optimizer, opt_state)  # an index-keyed (older) checkpoint
-        set_optimizer_state_dict(model, optimizer, opt_state, options=options)
+        if broadcast_object(bool(opt_state.get("state")) if rank0 else None):
+            set_optimizer_state_dict(model, optimizer, opt_state, options=options)
+        else:  # saved before the first step: a fresh optimizer (set_optimizer_state_dict would take a zero step)
+            optimizer.state.clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -371,6 +371,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Traine
         saved = loop.get("layout", {}).get("world_size")
         if saved and saved != dist.world_size:
             print0(f"resuming a run saved on {saved} processes on {dist.world_size} ({dims.describe()})")
+        if dist.rank == 0:
+            save_config(cfg, run_dir / CONFIG_FILE)  # the budget and layout it continues with
+        barrier()
     else:
         prepare_run_dir(run_dir, cfg, data, dist)
     return trainer
@@ -393,8 +396,11 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> dict:
     t = setup(cfg, run_dir, resume, dist)
     if t.state.done:
-        print0(f"run {run_dir} already finished; nothing to resume")
-        return {"val": t.state.evals[-1] if t.state.evals else {}, "already_finished": True}
+        if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
+            print0(f"run {run_dir} already finished; nothing to resume")
+            return {"val": t.state.evals[-1] if t.state.evals else {}, "already_finished": True}
+        t.state.done = False
+        print0(f"run {run_dir} finished at step {t.state.step}; continuing under the longer budget {cfg.budget.limit}")
     announce(t, resume)
     fit(t)
     return validate(t)
@@ -597,12 +603,16 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 def pretrain_command(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
-        if overrides or args.recipe or args.budget or args.data or args.out:
-            raise UserError("--resume continues a run with its own config; give no other settings")
+        if args.recipe or args.data or args.out or any(not o.startswith("parallel.") for o in overrides):
+            raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
         run_dir = Path(args.resume)
         cfg = run_config(run_dir)
         if not (run_dir / CHECKPOINT_DIR).is_dir():
             raise UserError(f"run {run_dir} has no checkpoint to resume from")
+        if args.budget:
+            cfg.budget.limit = args.budget
+        apply_overrides(cfg, overrides)
+        check_config(cfg)
         summary = pretrain(cfg, run_dir, resume=True)
     else:
         cfg = resolve_config(args.recipe, args.budget, overrides, args.data)

@@ -49,7 +49,7 @@ class ParallelDims:
             show = lambda v: "?" if v == -1 else str(v)
             raise UserError(
                 f"parallel degrees dp_replicate={show(rep)} x dp_shard={show(shard)} x tp={tp} x pp={pp} "
-                f"do not multiply to the {world_size} processes started"
+                f"do not multiply to the {world_size} process{'es' if world_size != 1 else ''} started"
             )
         if parallel.dp != -1 and parallel.dp != rep * shard:
             raise UserError(f"parallel.dp={parallel.dp} does not match dp_replicate={rep} x dp_shard={shard} for {world_size} processes")
