@@ -48,10 +48,9 @@ def check_parallel_config(cfg) -> None:
         if p.sequence_parallel and m.seq_len % p.tp:
             raise UserError(f"parallel.sequence_parallel needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}")
     if p.pp > 1:
-        if m.tie_embeddings:
-            raise UserError("parallel.pp > 1 needs model.tie_embeddings=false (the first and last stages cannot share one matrix)")
-        if m.objective != "causal":
-            raise UserError("parallel.pp > 1 supports model.objective=causal only")
+        # the model can be cut into stages (Transformer with layers deleted), but the schedule, the
+        # stage-wise checkpoint and evaluation are not built yet
+        raise UserError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use parallel.tp and parallel.dp_shard")
     if p.ddp_comm_hook != "none" and (p.dp_shard != 1 or p.tp > 1):
         raise UserError("parallel.ddp_comm_hook applies to DDP only (parallel.dp_shard=1, parallel.tp=1)")
     if p.ddp_comm_hook in ("bf16", "fp16") and not torch.cuda.is_available():
@@ -95,9 +94,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, mesh, device: torch.d
     train_model = model
     if compiled == "whole":
         train_model = torch.compile(model)
-    if dims.ddp:
-        group = mesh["dp_replicate"].get_group() if mesh is not None and mesh.ndim > 1 and dims.pp_enabled else None
-        train_model = apply_ddp(train_model, device, group=group, comm_hook=p.ddp_comm_hook)
+    if dims.ddp:  # all ranks replicate (DDP is only chosen without tensor parallel or sharding)
+        train_model = apply_ddp(train_model, device, comm_hook=p.ddp_comm_hook)
     return Parallelized(train_model, model, compiled, loss_parallel=dims.tp_enabled and p.loss_parallel)
 
 
