@@ -1,5 +1,5 @@
-"""Multi-process pretraining on CPU/gloo: FSDP2, tensor parallel, HSDP and hybrids match one
-process, resume under another layout, and bad degrees give one line.
+"""Multi-process pretraining on CPU/gloo: FSDP2, tensor parallel, HSDP, pipelines (1F1B, GPipe)
+and hybrids match one process, resume under another layout, and bad degrees give one line.
 
 Every layout must reproduce the single-process losses with the same global batch. The tolerance
 is 1e-4 (absolute, on losses near 6 and on weights near 0.02): the math is the same but the
@@ -7,7 +7,7 @@ order of floating-point sums is not (sharded all-reduces, tensor-parallel partia
 moves fp32 results by about 1e-6 per step; a wrong gradient, batch or optimizer state moves them
 by 1e-3 or more within two steps (the first real update already changes the loss by ~0.05).
 
-Launches are shared (module-scoped runs) so the file adds about ten torchrun launches in all.
+Launches are shared (module-scoped runs): eleven launches in all, most on 4 processes.
 The schedule is constant, so a run stopped at step 4 and resumed with a longer budget continues
 exactly where a single run of 8 steps would be.
 """
@@ -108,26 +108,28 @@ def runs(prepared_bpe, tmp_path_factory):
     # 4 processes: two hybrids
     out["hsdp"] = pretrain(4, data, root / "hsdp", "steps:4", "parallel.dp_replicate=2", "parallel.dp_shard=2")
     out["fsdp_tp"] = pretrain(4, data, root / "fsdp_tp", "steps:4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.activation_checkpointing=full")
+    out["pp_tp"] = pretrain(4, data, root / "pp_tp", "steps:4", "parallel.pp=2", "parallel.tp=2")  # 1F1B
+    out["pp_fsdp"] = pretrain(4, data, root / "pp_fsdp", "steps:4", "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=GPipe")
     # resumes under other layouts, continuing to step 8
-    out["fsdp_then_4"] = root / "fsdp_then_4"
-    shutil.copytree(out["fsdp"], out["fsdp_then_4"])
-    resume(4, out["fsdp_then_4"], "steps:8", "parallel.dp_shard=2", "parallel.tp=2", "parallel.activation_checkpointing=none")
-    out["tp_then_1"] = root / "tp_then_1"
-    shutil.copytree(out["tp"], out["tp_then_1"])
-    resume(1, out["tp_then_1"], "steps:8", "parallel.tp=1")
+    out["fsdp_then_pp_tp"] = root / "fsdp_then_pp_tp"  # FSDP2 on 2 processes -> pipeline x TP on 4
+    shutil.copytree(out["fsdp"], out["fsdp_then_pp_tp"])
+    resume(4, out["fsdp_then_pp_tp"], "steps:8", "parallel.dp_shard=1", "parallel.pp=2", "parallel.tp=2", "parallel.activation_checkpointing=none")
+    out["pp_tp_then_1"] = root / "pp_tp_then_1"  # pipeline x TP on 4 processes -> 1 process
+    shutil.copytree(out["pp_tp"], out["pp_tp_then_1"])
+    resume(1, out["pp_tp_then_1"], "steps:8", "parallel.pp=1", "parallel.tp=1")
     return out
 
 
 def test_sharded_layouts_match_one_process(runs):
     ref = losses(runs["single"])
     assert sorted(ref) == list(range(1, 9))
-    for name in ("fsdp", "tp", "hsdp", "fsdp_tp"):
+    for name in ("fsdp", "tp", "hsdp", "fsdp_tp", "pp_tp", "pp_fsdp"):
         assert_same_losses(runs[name], ref, range(1, 5))
 
 
 def test_resume_under_another_layout_continues_the_curve(runs):
     ref = losses(runs["single"])
-    for name in ("fsdp_then_4", "tp_then_1"):  # FSDP2 on 2 -> FSDP2 x TP on 4; TP on 2 -> 1 process
+    for name in ("fsdp_then_pp_tp", "pp_tp_then_1"):
         assert_same_losses(runs[name], ref, range(1, 9))
         assert_same_weights(runs[name], runs["single"])  # the consolidated model.safetensors
 
@@ -135,7 +137,9 @@ def test_resume_under_another_layout_continues_the_curve(runs):
 def test_consolidated_weights_serve_eval_and_generate(runs, capsys):
     from budgetlm.cli import main
 
-    run = runs["fsdp_tp"]
+    for run in (runs["fsdp_tp"], runs["pp_fsdp"]):
+        assert (run / "model.safetensors").is_file() and (run / "report.md").read_text().count("## Samples") == 1
+    run = runs["pp_tp"]
     assert (run / "model.safetensors").is_file() and (run / "report.md").read_text().count("## Samples") == 1
     assert main(["eval", str(run), "--json"]) == 0
     assert main(["generate", str(run), "--prompt", "KING", "--max-new-tokens", "4", "--json"]) == 0

@@ -64,9 +64,10 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        """FSDP2 (or HSDP): sharded data parallel, CPU offload, or replicas of a tensor-parallel model
-        (DDP cannot wrap DTensor parameters; HSDP with shards of 1 is the same replication)."""
-        return self.dp_shard > 1 or self.fsdp_on_one_process or (self.dp_replicate > 1 and self.tp > 1)
+        """FSDP2 (or HSDP): sharded data parallel, CPU offload, or replicas of a tensor- or pipeline-parallel
+        model (DDP cannot wrap DTensor parameters, and hangs inside a pipeline stage's backward on torch
+        2.13; HSDP with shards of 1 is the same replication)."""
+        return self.dp_shard > 1 or self.fsdp_on_one_process or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp(self) -> bool:
