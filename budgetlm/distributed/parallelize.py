@@ -7,10 +7,11 @@ re-describe parameters as DTensor shards, and `Transformer.materialize` then all
 initialises each rank's shards, so no rank ever holds the whole model. DDP needs real tensors and
 comes after materialisation.
 
-Known limits of torch 2.13 (checked on CPU/gloo): per-block compile with sequence parallel fails,
-and whole-model compile of FSDP2 + tensor parallel + sequence parallel fails; so compile is
-per block under FSDP2 (without sequence parallel), whole-model otherwise, and switched off, with
-a printed note, for FSDP2 + sequence parallel.
+Known limits of torch 2.13 reported for CPU/gloo (the compile paths here are not exercised by the
+tests, which run eager on CPU): per-block compile with sequence parallel fails, and whole-model
+compile of FSDP2 + tensor parallel + sequence parallel fails; so compile is per block under FSDP2
+or a pipeline (without sequence parallel), whole-model otherwise, and switched off, with a
+printed note, where sequence parallel meets FSDP2 or per-block compile.
 """
 
 from __future__ import annotations
