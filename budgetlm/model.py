@@ -151,7 +151,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020), w2(gelu(w1 x)) for plain."""
+    """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020); w2(gelu(w1 x)) or
+    w2(relu(w1 x)^2) (squared ReLU, So et al. 2021 "Primer") for plain ones."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -166,6 +167,8 @@ class FeedForward(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         if self.kind == "geglu":
             return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+        if self.kind == "relu2":
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.gelu(self.w1(x)))
 
 
@@ -227,6 +230,7 @@ class Transformer(nn.Module):
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.tok_embeddings = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.embed_norm = make_norm(cfg, cfg.n_embd) if cfg.embed_norm else None  # Cramming's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg, cfg.n_embd)
@@ -269,7 +273,7 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for every matrix; the two projections that write into the residual stream
         (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
-        so the residual's variance does not grow with depth. Norm weights 1, rotary tables recomputed.
+        so the residual's variance does not grow with depth. Norm weights 1 (embed_norm included), rotary tables recomputed.
 
         Each matrix is drawn from its own generator, seeded by `seed` (default: one draw from torch's
         global generator) and the parameter's name, so the values do not depend on the layout: a
@@ -283,7 +287,11 @@ class Transformer(nn.Module):
             if p.dim() == 1:
                 p.fill_(1.0)  # norm weights (no biases anywhere)
                 continue
-            sd = residual_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
+            residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+            if residual and self.cfg.zero_init_residual:  # each block starts as the identity (modded-nanogpt, nanochat)
+                p.zero_()
+                continue
+            sd = residual_std if residual else std
             name = name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper
             _init_normal(p, sd, (seed + zlib.crc32(name.encode())) % 2**63)
         cos, sin = rope_tables(self.cfg.seq_len, self.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
@@ -311,7 +319,11 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
         cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
         sin = self.rope_sin[start_pos : start_pos + T]
-        x = self.dropout(self.tok_embeddings(idx)) if self.tok_embeddings is not None else idx  # (B, T, C)
+        if self.tok_embeddings is not None:  # a pipeline stage after the first gets hidden states
+            x = self.tok_embeddings(idx)  # (B, T, C)
+            x = self.dropout(x if self.embed_norm is None else self.embed_norm(x))
+        else:
+            x = idx
         for layer in self.layers.values():  # a pipeline stage holds only its own layers (keys unchanged)
             x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
         return x

@@ -1,4 +1,4 @@
-"""Parameter groups, AdamW, and the learning-rate and batch schedules as functions of progress.
+"""Parameter groups, AdamW and Muon, and the learning-rate and batch schedules as functions of progress.
 
 Schedules take budget progress in [0, 1] (from `budgetlm.budget.Clock.progress`), never a step
 count, so the decay ends exactly at the deadline whatever the throughput (Cramming, section 3).
@@ -68,16 +68,25 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: boo
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, cfg.weight_decay)`, with its initial lr at the peak `cfg.lr`.
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names, with every group's initial lr at the peak `cfg.lr`.
 
-    The fused kernel is used on CUDA and CPU: on torch 2.13 with 2 CPU cores it steps ~6-10x
-    faster than foreach or the per-parameter loop (17 512x512 matrices plus an 8192x512
-    embedding: 4 ms fused, 25-54 ms foreach, 37-67 ms loop). Elsewhere (mps, xla, ...) foreach.
+    adamw: AdamW over `param_groups(model, cfg.weight_decay)`. The fused kernel is used on CUDA
+    and CPU: on torch 2.13 with 2 CPU cores it steps ~6-10x faster than foreach or the
+    per-parameter loop (17 512x512 matrices plus an 8192x512 embedding: 4 ms fused, 25-54 ms
+    foreach, 37-67 ms loop). Elsewhere (mps, xla, ...) foreach.
+
+    muon: see `build_muon`.
     """
+    if cfg.optimizer == "muon":
+        return build_muon(model, cfg, device_type)
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise UserError("the model has no trainable parameters")
+    return _adamw(groups, cfg, device_type)
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device_type in ("cuda", "cpu"):
         try:
@@ -85,6 +94,108 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         except RuntimeError:
             pass  # a dtype/device the fused kernel does not cover: fall back below
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """The 2-D weights inside the Transformer blocks: what Muon orthogonalises. Embeddings and the
+    output head are not hidden matrices (Jordan et al. 2024 keep them on AdamW: an embedding's rows
+    are looked up one at a time, and the head's update is better left per-class)."""
+    return p.ndim == 2 and name.startswith("layers.")
+
+
+def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOptimizer:
+    """Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") for the hidden matrices,
+    AdamW for embeddings, head and gains, stepping together as one optimizer.
+
+    Muon takes SGD-momentum (Nesterov) updates and replaces each matrix update by its nearest
+    semi-orthogonal matrix (5 Newton-Schulz iterations). Its update is scaled to match AdamW's
+    RMS (0.2 sqrt(max(fan_in, fan_out)); Liu et al. 2025, "Muon is Scalable for LLM Training"),
+    so both groups share one learning rate and one weight decay, and the rules that set AdamW's
+    rate set this one. `torch.optim.Muon` (PyTorch >= 2.9) does the update.
+    """
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"train.optimizer=muon needs PyTorch >= 2.9 (this is {torch.__version__}); use train.optimizer=adamw")
+    hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in param_groups(model, cfg.weight_decay)]
+    rest = [g for g in rest if g["params"]]
+    optimizers = []
+    if rest:
+        optimizers.append(_adamw(rest, cfg, device_type))
+    if hidden:
+        optimizers.append(
+            torch.optim.Muon(
+                hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
+            )
+        )
+    if not optimizers:
+        raise UserError("the model has no trainable parameters")
+    return HybridOptimizer(optimizers)
+
+
+class HybridOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, seen as one: `param_groups` are the children's
+    own group dicts (so setting a group's lr reaches the child), `step`/`zero_grad` call each
+    child, and the state dict is one flat `{"state", "param_groups"}` with parameters numbered
+    across the children in order, the layout `torch.optim.Optimizer.state_dict` uses, so
+    checkpoints and their checks treat it like any optimizer."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({i + offset: s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
+        start, offset = 0, 0
+        for o in self.optimizers:
+            n_groups, n_params = len(o.param_groups), sum(len(g["params"]) for g in o.param_groups)
+            mine = groups[start : start + n_groups]
+            o.load_state_dict(
+                {
+                    "state": {i - offset: s for i, s in state_dict["state"].items() if offset <= i < offset + n_params},
+                    "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine],
+                }
+            )
+            start, offset = start + n_groups, offset + n_params
+
+    def __repr__(self) -> str:
+        return f"HybridOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -112,9 +223,9 @@ def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
 
     Every schedule warms up linearly from 0 at progress 0 to 1 at `warmup`, then:
     - linear: straight down to `min_lr_ratio` at progress 1.
-    - one-cycle: the same triangle, meant with a long warm-up (Cramming's budget triangle
-      peaks mid-budget; our bert-24h recipe sets warmup 0.5). Cramming's starts at 25% of the
-      peak instead of 0.
+    - one-cycle: the same triangle, meant with a long warm-up (Cramming's `budget-triangle2`
+      peaks at 75% of the budget; our bert-24h recipe sets warmup 0.75). Cramming's starts at
+      25% of the peak instead of 0.
     - wsd (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; Hägele et al. 2024): flat at 1, then
       linear down to `min_lr_ratio` over the last `cooldown` of the budget (the decay starts at
       warm-up end if the two overlap). Linear rather than MiniCPM's exponential decay, so it

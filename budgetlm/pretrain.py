@@ -30,6 +30,7 @@ from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_r
 from budgetlm.data.dataset import PreparedData
 from budgetlm.data.loader import DeviceBatches, TrainBatches
 from budgetlm.data.masking import mask_tokens
+from budgetlm.data.vocab import can_derive, derive_vocabulary, derived_path
 from budgetlm.distributed import (
     MESH_DIMS,
     DistInfo,
@@ -37,6 +38,7 @@ from budgetlm.distributed import (
     Parallelized,
     all_reduce_max,
     barrier,
+    broadcast_object,
     build_mesh,
     check_parallel_config,
     cleanup,
@@ -51,11 +53,13 @@ from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
 from budgetlm.model import Transformer, compute_loss
 from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at, set_lr
+from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 from budgetlm.tracking import MetricsLog, environment
 from budgetlm.train_step import train_step
 
+PLAN_FILE = "plan.json"
 CPU_MICRO_BATCH_TOKENS = 8192  # one forward of this many tokens keeps a laptop CPU busy without swapping
 
 
@@ -229,6 +233,47 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, data: PreparedData, dist: Dis
     barrier()
 
 
+def changed_keys(cfg: RunConfig) -> set[str]:
+    """Dotted keys whose value differs from the default: what a user of the Python API set."""
+    default = RunConfig()
+    out = set()
+    for section in ("model", "train"):
+        mine, base = getattr(cfg, section), getattr(default, section)
+        out |= {f"{section}.{k}" for k in base.__dataclass_fields__ if getattr(mine, k) != getattr(base, k)}
+    return out
+
+
+def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan:
+    """Fill every key the user did not set from the budget (`budgetlm.plan`), timing candidate models
+    on this device, and derive the chosen vocabulary from the prepared one. Rank 0 plans and the
+    other ranks take its plan, so every process trains the same model."""
+    if not cfg.data:
+        raise UserError("no data directory: pass --data DIR (from `budgetlm data prepare`)")
+    data, device = PreparedData(cfg.data), dist.device
+    user_keys = changed_keys(cfg) if user_keys is None else set(user_keys)
+    fixed_model, fixed_train = user_fixed(cfg, user_keys)
+    if cfg.model.objective == "masked" or not can_derive(data.tokenizer):
+        fixed_model["vocab_size"] = data.vocab_size
+    if "model.vocab_size" in user_keys:
+        fixed_model["vocab_size"] = cfg.model.vocab_size
+    plan = None
+    if dist.rank == 0:
+        print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")
+        start = time.monotonic()
+        planner = Planner(device, vocab_cap=data.vocab_size, vocab_derivable=can_derive(data.tokenizer), world_size=dist.world_size, log=print0)
+        plan = make_plan(cfg.budget.limit, planner, fixed_model=fixed_model, fixed_train=fixed_train, reserve=cfg.budget.reserve)
+        print0(format_plan(plan))
+        print0(f"planned in {time.monotonic() - start:.1f}s (before the clock starts)")
+    plan = broadcast_object(plan)
+    apply_plan(cfg, plan)
+    if plan.vocab_size != data.vocab_size:
+        if dist.rank == 0:  # about twice the tokens the run will read, in case it runs faster than planned
+            derive_vocabulary(data, plan.vocab_size, max_train_tokens=int(2 * plan.tokens * data.vocab_size / plan.vocab_size), log=print0)
+        barrier()
+        cfg.data = str(derived_path(data, plan.vocab_size))
+    return plan
+
+
 def open_data(cfg: RunConfig) -> PreparedData:
     """The prepared data, with model.vocab_size fixed to its tokenizer's."""
     if not cfg.data:
@@ -351,16 +396,18 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Trainer:
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> Trainer:
     """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dims = ParallelDims.resolve(cfg.parallel, dist.world_size)
-    check_parallel_config(cfg)
+    plan = plan_run(cfg, dist, user_keys) if cfg.auto and not resume else None  # may point cfg.data at a derived vocabulary
     data = open_data(cfg)  # fixes model.vocab_size
-    # budget-derived model and training defaults belong here: after the vocabulary, before the model
+    check_parallel_config(cfg)  # again: the plan may have changed the model's shape
+    if cfg.train.optimizer == "muon" and (dims.fsdp or dims.tp_enabled):
+        raise UserError("train.optimizer=muon orthogonalises whole matrices: use it without FSDP2 or tensor parallel (DDP or pipeline parallel)")
 
     seq_len = cfg.model.seq_len
     global_seqs = cfg.train.batch_tokens // seq_len
@@ -399,6 +446,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Traine
         barrier()
     else:
         prepare_run_dir(run_dir, cfg, data, dist)
+        if plan is not None and dist.rank == 0:
+            write_json(run_dir / PLAN_FILE, plan.to_dict())
     return trainer
 
 
@@ -406,18 +455,21 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> Traine
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Train under cfg.budget into run_dir; returns the final metrics."""
+def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None) -> dict:
+    """Train under cfg.budget into run_dir; returns the final metrics.
+
+    With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
+    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        return _pretrain(cfg, run_dir, resume, dist)
+        return _pretrain(cfg, run_dir, resume, dist, user_keys)
     finally:
         cleanup()
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo) -> dict:
-    t = setup(cfg, run_dir, resume, dist)
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
+    t = setup(cfg, run_dir, resume, dist, user_keys)
     if t.state.done:
         if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
             print0(f"run {run_dir} already finished; nothing to resume")
@@ -537,6 +589,11 @@ def validate(t: Trainer) -> dict:
         "nan_skips_rollbacks": state.rollbacks,
         **val,
     }
+    plan_file = t.run_dir / PLAN_FILE
+    if plan_file.is_file() and clock.budget.kind == "time":  # how well the planner predicted this device's speed
+        planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
+        summary["planned_tokens"] = round(planned)
+        summary["tokens_vs_plan"] = round(state.tokens / max(planned, 1), 3)
     weights, _ = ckpt.full_train_state(t.par.model, None, gather=t.gather)  # consolidated on rank 0 (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
@@ -645,7 +702,7 @@ def pretrain_command(args) -> int:
         if run_dir.exists() and any(run_dir.iterdir()):
             hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
             raise UserError(f"run directory {run_dir} exists and is not empty{hint}")
-        summary = pretrain(cfg, run_dir)
+        summary = pretrain(cfg, run_dir, user_keys={item.split("=", 1)[0].strip() for item in overrides})
     if args.json:
         print(json.dumps(summary))
     return 0

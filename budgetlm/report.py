@@ -5,6 +5,7 @@ Everything is drawn from the run's metrics log, so a report can be rebuilt for a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -85,13 +86,21 @@ def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str
         lines += ["The start of a held-out document (up to the `▌`), then the model's continuation (64 tokens, temperature 0.8, top-k 50).", ""]
         for prompt, text in samples:
             lines += ["```", prompt + "▌" + text, "```", ""]
+    plan_file = run_dir / "plan.json"
+    if plan_file.is_file():
+        from budgetlm.plan import format_plan, plan_from_dict
+
+        lines += ["", "## Why this model", "", "Chosen by `budgetlm plan`'s rules for the budget, timing candidates on this device;"]
+        lines += ["keys you set won.", ""]
+        lines += ["```", format_plan(plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))), "```"]
     lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
     lines += [
         "## What the clock counts",
         "",
         "The wall-clock budget counts everything from the first training step to the final save:",
         "data loading, compile warm-up, periodic evaluation and checkpoints. Model building and the",
-        "one-off peak-FLOP/s measurement happen before the clock starts. A reserve of the budget",
+        "one-off peak-FLOP/s measurement happen before the clock starts, and so does choosing the model",
+        "for the budget (timing candidate models, cached per machine) and deriving its vocabulary. A reserve of the budget",
         "(`budget.reserve`) is kept for the final evaluation and save.",
         "",
     ]

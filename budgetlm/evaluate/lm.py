@@ -87,6 +87,7 @@ def evaluate_lm(
 
 def eval_command(args) -> int:
     from budgetlm.data.dataset import PreparedData
+    from budgetlm.data.vocab import find_derived
     from budgetlm.files import write_json
     from budgetlm.run import load_run, resolve_device
 
@@ -97,6 +98,8 @@ def eval_command(args) -> int:
     if not data_dir:
         raise UserError("the run does not name its data directory; pass --data DIR")
     data = PreparedData(data_dir)
+    if data.tokenizer.sha256 != run.tokenizer.sha256:  # the run may have trained on a vocabulary cut from this data
+        data = find_derived(data, run.tokenizer.sha256) or data
     if data.tokenizer.sha256 != run.tokenizer.sha256:
         raise UserError(f"tokenizer mismatch: {data_dir} was prepared with another tokenizer than run {args.run}")
     autocast = contextlib.nullcontext

@@ -1,0 +1,585 @@
+"""The right model for the budget: what `pretrain` trains when the user does not say, and why.
+
+One complexity knob, as in nanochat: the depth d. A depth-d model is d blocks of width 64 d
+with 64-wide heads (d = 12 is GPT-2 small's 12 x 768); its context, vocabulary, batch and
+learning rate follow from it and from the compute the budget buys. For a wall-clock budget the
+depth is chosen by *measurement*: each candidate is timed on this device for a few real steps
+(`budgetlm.speed`, cached per machine), which gives the tokens it would see in the budget, and a
+scaling law turns (parameters, tokens) into a predicted loss; the lowest wins. Timing matters
+most where the papers never looked: a 0.5M-parameter model on a CPU is bound by per-operation
+overhead, so halving it buys far fewer than twice the tokens, and a FLOP count would choose a
+model much too small.
+
+Every rule, with its source, lands in the run's report and in `budgetlm plan`:
+- loss(N, D) = E + A / N^alpha + B / D^beta, Chinchilla's form (Hoffmann et al. 2022) with the
+  constants of the replication by Besiroglu et al. 2024 (E 1.82, A 482, B 2085, alpha 0.348,
+  beta 0.366; N counts every parameter, embeddings included, D tokens).
+- vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
+  parameters grow as the non-vocabulary parameters to the power 0.83; with width growing as
+  N_nv^(1/3) in this family that is V proportional to N_nv^0.5, anchored at this project's
+  measurement (`bench/results/quality.md`).
+- batch and learning rate: the compute power laws of DeepSeek LLM (DeepSeek-AI 2024, section
+  3.1: B_opt proportional to C^0.327, eta_opt to C^-0.125), with the constants refitted to this
+  project's measured optimum at 90 seconds on a CPU; they land on GPT-2 small's 6e-4 at a GPU day.
+- context: the next power of two at or above the width, 128 to 2048 (GPT-2 small: 768 -> 1024;
+  nanochat d20: 1280 -> 2048); short runs cannot use long contexts and pay for them in attention.
+- schedule: warm-up, then linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et
+  al. 2025, "Straight to Zero"), driven by budget progress.
+- optimizer and architecture: what this project measured to be best at equal wall clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from budgetlm.budget import Budget, parse_budget
+from budgetlm.config import ModelConfig, RunConfig, TrainConfig
+from budgetlm.errors import UserError
+from budgetlm.model import ffn_hidden_size, padded_vocab_size
+
+ASPECT = 64  # width per layer: nanochat's model_dim = 64 x depth
+HEAD_DIM = 64
+MAX_DEPTH = 40
+MIN_SEQ, MAX_SEQ = 128, 2048
+# Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", table 1
+LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.82, 482.01, 2085.43, 0.3478, 0.3658
+CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock trades size for speed
+# vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two
+VOCAB_ANCHOR, VOCAB_ANCHOR_NNV = 2048, 426_000
+MIN_VOCAB, MAX_VOCAB = 512, 65536
+# batch tokens = BATCH_K x C^0.3271 and lr = LR_K x C^-0.125 (DeepSeek's exponents; C in FLOPs)
+BATCH_K, BATCH_EXP = 0.125, 0.3271
+LR_K, LR_EXP = 0.165, -0.125
+CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy without swapping
+GPU_MICRO_TOKENS = 16384
+MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
+ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
+# the architecture and optimizer measured best at equal wall clock (bench/results/quality.md)
+DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": False, "tie_embeddings": True}
+DEFAULT_OPTIMIZER = "adamw"
+WARMUP = 0.02
+
+# the keys the planner may choose; any the user sets wins
+MODEL_KEYS = ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)
+TRAIN_KEYS = ("batch_tokens", "lr", "warmup", "schedule", "min_lr_ratio", "optimizer", "precision")
+
+
+@dataclass
+class Reason:
+    key: str
+    value: object
+    rule: str
+
+
+@dataclass
+class Candidate:
+    depth: int
+    model: ModelConfig
+    params: int
+    flops_per_token: float
+    tokens_per_s: float
+    tokens: float
+    loss: float
+
+
+@dataclass
+class Plan:
+    budget: str
+    device: str
+    measured: bool
+    model: dict
+    train: dict
+    vocab_size: int
+    params: int
+    non_embedding_params: int
+    flops_per_token: float
+    tokens_per_s: float
+    tokens: float
+    flops: float
+    mfu: float | None
+    micro_batch: int
+    accumulation: int
+    memory: dict = field(default_factory=dict)  # per device, bytes: {saver: {term: bytes}}
+    device_memory: float = 0
+    reasons: list[Reason] = field(default_factory=list)
+    candidates: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules
+
+
+def next_pow2(x: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1.0, x))))
+
+
+def nearest_pow2(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(1.0, x))))
+
+
+def shape(depth: int) -> dict:
+    width = ASPECT * depth
+    return {"n_layer": depth, "n_embd": width, "n_head": max(1, width // HEAD_DIM), "seq_len": min(MAX_SEQ, max(MIN_SEQ, next_pow2(width)))}
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """Block parameters (attention, feed-forward, norms) and the final norm: what the vocabulary rule scales with."""
+    d, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+    kv = (cfg.n_kv_head or cfg.n_head) * hs
+    gated = cfg.mlp in ("swiglu", "geglu")
+    ffn = (3 if gated else 2) * d * ffn_hidden_size(cfg)
+    attn = 2 * d * d + 2 * d * kv + (2 * hs if cfg.qk_norm else 0)
+    return cfg.n_layer * (attn + ffn + 2 * d) + d
+
+
+def total_params(cfg: ModelConfig) -> int:
+    emb = padded_vocab_size(cfg.vocab_size) * cfg.n_embd
+    return non_embedding_params(cfg) + emb * (1 if cfg.tie_embeddings else 2)
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """6 N (matmul parameters, the output projection included) + attention, as `Transformer.flops_per_token`."""
+    matmul = non_embedding_params(cfg) + padded_vocab_size(cfg.vocab_size) * cfg.n_embd
+    return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
+
+
+def vocab_rule(n_nv: int) -> int:
+    v = VOCAB_ANCHOR * math.sqrt(n_nv / VOCAB_ANCHOR_NNV)
+    return min(MAX_VOCAB, max(MIN_VOCAB, nearest_pow2(v)))
+
+
+def batch_rule(compute: float, seq_len: int) -> int:
+    tokens = nearest_pow2(BATCH_K * compute**BATCH_EXP)
+    return max(seq_len, tokens // seq_len * seq_len)
+
+
+def lr_rule(compute: float) -> float:
+    return float(f"{LR_K * compute**LR_EXP:.2g}")
+
+
+def predicted_loss(params: float, tokens: float) -> float:
+    return LOSS_E + LOSS_A / params**LOSS_ALPHA + LOSS_B / max(tokens, 1.0) ** LOSS_BETA
+
+
+def micro_batch_for(batch_seqs: int, seq_len: int, device_type: str) -> int:
+    """The largest divisor of the batch whose tokens stay under the device's micro-batch cap."""
+    cap = CPU_MICRO_TOKENS if device_type != "cuda" else GPU_MICRO_TOKENS
+    return next(d for d in range(batch_seqs, 0, -1) if batch_seqs % d == 0 and (d * seq_len <= cap or d == 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+class Planner:
+    """Chooses the model for a budget on a device, timing candidates there (or, for a device that
+    is not here, estimating their speed from its peak FLOP/s and a typical MFU)."""
+
+    def __init__(
+        self,
+        device: torch.device | None,
+        *,
+        gpu_name: str = "",
+        memory: float = 0,
+        vocab_cap: int = 0,
+        vocab_derivable: bool = True,
+        world_size: int = 1,
+        log=None,
+    ):
+        self.device = device
+        self.memory = memory or self._default_memory(device, gpu_name)  # bytes one device may use
+        self.world_size = world_size  # data-parallel processes: each trains at the measured speed
+        self.gpu_name = gpu_name
+        self.vocab_cap = vocab_cap  # the prepared vocabulary: the largest a run can use (0 = unknown)
+        self.vocab_derivable = vocab_derivable
+        self.log = log or (lambda msg: None)
+        self.device_type = device.type if device is not None else "cuda"
+        self.measured = device is not None
+
+    @staticmethod
+    def _default_memory(device, gpu_name: str) -> float:
+        from budgetlm.hardware import device_memory, gpu_memory
+
+        if device is not None:
+            return device_memory(device)
+        known = gpu_memory(gpu_name)
+        if known is None:
+            raise UserError(f"memory of GPU '{gpu_name}' unknown; pass --memory (e.g. --memory 24GB)")
+        return known
+
+    def fits(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str, checkpointing: str = "none") -> bool:
+        from budgetlm.memory import estimate_memory
+
+        est = estimate_memory(
+            cfg, micro_batch=micro, precision=precision, optimizer=optimizer, activation_checkpointing=checkpointing, device_type=self.device_type
+        )
+        return est.total <= MEMORY_HEADROOM * self.memory
+
+    def vocab_for(self, n_nv: int) -> int:
+        v = vocab_rule(n_nv)
+        if self.vocab_cap:
+            v = self.vocab_cap if not self.vocab_derivable else min(v, self.vocab_cap)
+        return v
+
+    def candidate_model(self, depth: int, fixed: dict, arch: dict) -> ModelConfig:
+        cfg = ModelConfig(**{**shape(depth), **arch, **fixed})
+        cfg.vocab_size = fixed.get("vocab_size") or self.vocab_for(non_embedding_params(dataclasses.replace(cfg, vocab_size=1)))
+        return cfg
+
+    def tokens_per_s(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> float:
+        if not self.measured:
+            from budgetlm.hardware import gpu_peak_flops
+
+            peak = gpu_peak_flops(self.gpu_name)
+            if peak is None:
+                raise UserError(f"no peak FLOP/s known for GPU '{self.gpu_name}'; plan on the machine itself with --device cuda")
+            return self.world_size * peak * ASSUMED_GPU_MFU / flops_per_token(cfg)
+        from budgetlm.speed import step_seconds
+
+        while True:
+            try:
+                seconds = step_seconds(cfg, micro, precision=precision, optimizer=optimizer, device=self.device)
+                return self.world_size * micro * cfg.seq_len / seconds
+            except torch.OutOfMemoryError:
+                if micro == 1:
+                    return 0.0
+                micro //= 2
+
+    def probe_micro(self, cfg: ModelConfig) -> int:
+        """Sequences per timing step: a full micro-batch for small models, fewer for large ones so
+        that timing a candidate costs about a second on a CPU."""
+        cap = (CPU_MICRO_TOKENS if self.device_type != "cuda" else GPU_MICRO_TOKENS) // cfg.seq_len
+        if self.device_type == "cuda":
+            return max(1, cap)
+        step_flops = 1e10  # ~0.2 s on a 2-core CPU; at least 2048 tokens, so per-step overhead stays amortised as in training
+        return int(max(1, 2048 // cfg.seq_len, min(cap, step_flops // (flops_per_token(cfg) * cfg.seq_len))))
+
+    def speed(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> tuple[float, str, dict]:
+        """(tokens/s, precision, every precision's tokens/s). With precision "auto" on a CPU both fp32
+        and bf16 autocast are timed and the faster wins, by more than 5% for bf16 since it changes the
+        numerics: at small widths the step is bound by per-operation overhead and bf16 only adds casts,
+        at larger ones CPUs with bf16 matrix units (AVX-512 BF16, AMX) run it several times faster."""
+        if precision != "auto" or self.device_type == "cuda" or not self.measured:
+            p = precision if precision != "auto" else "bf16"
+            tps = self.tokens_per_s(cfg, micro, p, optimizer)
+            return tps, p, {p: tps}
+        fp32, bf16 = (self.tokens_per_s(cfg, micro, p, optimizer) for p in ("fp32", "bf16"))
+        return (bf16, "bf16", {"fp32": fp32, "bf16": bf16}) if bf16 > 1.05 * fp32 else (fp32, "fp32", {"fp32": fp32, "bf16": bf16})
+
+    def search(self, seconds: float, fixed: dict, arch: dict, precision: str, optimizer: str) -> list[Candidate]:
+        """Candidates by increasing depth until the predicted loss has risen twice in a row."""
+        out: list[Candidate] = []
+        rises = 0
+        depths = [fixed["n_layer"]] if "n_layer" in fixed else range(1, MAX_DEPTH + 1)
+        for depth in depths:
+            cfg = self.candidate_model(depth, fixed, arch)
+            if "n_layer" not in fixed and not self.fits(cfg, 1, "bf16" if precision == "auto" else precision, optimizer, "full"):
+                self.log(f"  depth {depth:2d}: does not fit in {self.memory / 1e9:.0f} GB even with activation checkpointing")
+                break
+            tps, _, _ = self.speed(cfg, self.probe_micro(cfg), precision, optimizer) if self.fits(cfg, 1, "bf16", optimizer, "full") else (0, "", {})
+            if tps <= 0 and "n_layer" in fixed:  # the size asked for does not fit one device: estimate its speed
+                tps = self.world_size * (peak_of(self) or 0) * ASSUMED_GPU_MFU / flops_per_token(cfg)
+            if tps <= 0:
+                break  # does not fit in memory: larger ones will not either
+            n = total_params(cfg)
+            tokens = tps * seconds
+            c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens))
+            self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {tps:,.0f} tokens/s, {tokens / 1e6:,.1f}M tokens, predicted loss {c.loss:.3f}")
+            best = min((x.loss for x in out), default=math.inf)
+            rises = rises + 1 if c.loss > best else 0
+            out.append(c)
+            if rises >= 2 or c.loss > best + 0.1 * abs(best):  # past the optimum: larger ones only get worse
+                break
+        if not out:
+            raise UserError("not even the smallest model fits on this device")
+        return out
+
+
+def peak_of(planner: Planner) -> float | None:
+    from budgetlm.hardware import gpu_peak_flops, peak_flops
+
+    if planner.device is None:
+        return gpu_peak_flops(planner.gpu_name)
+    return peak_flops(planner.device, torch.bfloat16)[0]
+
+
+def user_fixed(cfg: RunConfig, user_keys: set[str]) -> tuple[dict, dict]:
+    """The model and train keys the user set (they win over every rule)."""
+    model = {k: getattr(cfg.model, k) for k in ModelConfig.__dataclass_fields__ if f"model.{k}" in user_keys}
+    train = {k: getattr(cfg.train, k) for k in TrainConfig.__dataclass_fields__ if f"train.{k}" in user_keys}
+    if "n_embd" in model and "n_head" not in model:
+        model["n_head"] = max(1, model["n_embd"] // HEAD_DIM)
+    if "n_layer" in model and "n_embd" not in model:
+        model.update({k: v for k, v in shape(model["n_layer"]).items() if k not in model})
+    return model, train
+
+
+def make_plan(
+    budget: Budget | str,
+    planner: Planner,
+    *,
+    fixed_model: dict | None = None,
+    fixed_train: dict | None = None,
+    reserve: float = 0.03,
+    target_params: float = 0,
+) -> Plan:
+    """The configuration for `budget` on the planner's device; `fixed_*` are the user's own keys."""
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    fixed_model, fixed_train = dict(fixed_model or {}), dict(fixed_train or {})
+    arch = {k: v for k, v in DEFAULT_ARCH.items() if k not in fixed_model}
+    optimizer = fixed_train.get("optimizer", DEFAULT_OPTIMIZER)
+    precision = fixed_train.get("precision", "auto")
+    reasons: list[Reason] = []
+
+    if target_params:  # `plan --params N`: the depth whose size is nearest
+        depth = min(range(1, MAX_DEPTH + 1), key=lambda d: abs(math.log(total_params(planner.candidate_model(d, fixed_model, arch)) / target_params)))
+        fixed_model.setdefault("n_layer", depth)
+        fixed_model.update({k: v for k, v in shape(depth).items() if k not in fixed_model})
+
+    if budget.kind == "time":
+        seconds = budget.limit * (1 - reserve)
+        cands = planner.search(seconds, fixed_model, arch, precision, optimizer)
+        best = min(cands, key=lambda c: c.loss)
+        why = (
+            f"lowest predicted loss of {len(cands)} depths timed on this device"
+            if planner.measured
+            else f"lowest predicted loss of {len(cands)} depths, speed estimated at {ASSUMED_GPU_MFU:.0%} MFU of {planner.gpu_name}'s peak"
+        )
+    else:
+        cands = []
+        depths = [fixed_model["n_layer"]] if "n_layer" in fixed_model else range(1, MAX_DEPTH + 1)
+        tokens, best_batch = budget.limit, fixed_train.get("batch_tokens", 2048)
+        for _ in range(4):  # steps budgets: tokens depend on the batch, which depends on the model
+            if budget.kind == "steps":
+                tokens = budget.limit * best_batch
+            models = [planner.candidate_model(d, fixed_model, arch) for d in depths]
+            best_model = min(models, key=lambda m: abs(math.log(tokens / total_params(m) / CHINCHILLA_TOKENS_PER_PARAM)))
+            n = total_params(best_model)
+            best = Candidate(best_model.n_layer, best_model, n, flops_per_token(best_model), 0.0, tokens, predicted_loss(n, tokens))
+            cands = [best]
+            best_batch = fixed_train.get("batch_tokens") or batch_rule(flops_per_token(best_model) * tokens, best_model.seq_len)
+        why = f"about {CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter (Hoffmann et al. 2022) for a {budget} budget"
+
+    model = best.model
+    compute = best.flops_per_token * best.tokens
+    batch = fixed_train.get("batch_tokens") or batch_rule(compute, model.seq_len)
+    lr = fixed_train.get("lr") or lr_rule(compute)
+    micro = micro_batch_for(max(1, batch // model.seq_len), model.seq_len, planner.device_type)
+    prec_guess = precision if precision != "auto" else "bf16"
+    while micro > 1 and not planner.fits(model, micro, prec_guess, optimizer):
+        micro = max(d for d in range(1, micro) if (batch // model.seq_len) % d == 0)
+    accum = max(1, batch // model.seq_len // micro)
+    tps, run_precision, speeds = best.tokens_per_s, (precision if precision != "auto" else "bf16"), {}
+    if planner.measured and budget.kind == "time":  # the chosen one at its real micro-batch
+        tps, run_precision, speeds = planner.speed(model, micro, precision, optimizer)
+    elif precision == "auto" and planner.device_type != "cuda":
+        run_precision = "fp32"
+    if precision == "auto":
+        measured = ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in speeds.items())
+        rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
+        reasons.append(Reason("train.precision", run_precision, rule))
+    tokens = tps * budget.limit * (1 - reserve) if budget.kind == "time" else best.tokens
+
+    for key in ("n_layer", "n_embd", "n_head"):
+        if key not in fixed_model:
+            family = f"depth {best.depth} of the one-knob family (width 64 x depth, 64-wide heads)"
+            reasons.append(Reason(f"model.{key}", getattr(model, key), f"{family}: {why}"))
+    if "seq_len" not in fixed_model:
+        reasons.append(Reason("model.seq_len", model.seq_len, "the next power of two at or above the width, 128..2048 (GPT-2 small 768 -> 1024)"))
+    if "vocab_size" not in fixed_model:
+        raw = vocab_rule(non_embedding_params(model))
+        rule = f"Tao et al. 2024: V grows as sqrt(non-embedding parameters), {VOCAB_ANCHOR} at {VOCAB_ANCHOR_NNV / 1e6:.2f}M (measured here)"
+        if planner.vocab_cap and model.vocab_size != raw:
+            rule += f"; the rule says {raw}, the prepared data has {planner.vocab_cap}" + ("" if planner.vocab_derivable else " (not derivable)")
+        reasons.append(Reason("model.vocab_size", model.vocab_size, rule))
+    if "batch_tokens" not in fixed_train:
+        rule = f"{BATCH_K} x C^{BATCH_EXP} tokens for C = {compute:.2g} FLOPs (DeepSeek-AI 2024 exponent, constant fit here)"
+        reasons.append(Reason("train.batch_tokens", batch, rule))
+    if "lr" not in fixed_train:
+        rule = f"{LR_K} x C^{LR_EXP} (DeepSeek-AI 2024 exponent, constant fit here; 6e-4 at a GPU day as GPT-2 small)"
+        reasons.append(Reason("train.lr", lr, rule))
+    train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
+    for key, value, rule in (
+        ("schedule", "linear", "linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et al. 2025)"),
+        ("min_lr_ratio", 0.0, "decay to zero"),
+        ("warmup", WARMUP, "a short warm-up, as a fraction of the budget"),
+    ):
+        train[key] = fixed_train.get(key, value)
+        if key not in fixed_train:
+            reasons.append(Reason(f"train.{key}", value, rule))
+    if "optimizer" not in fixed_train:
+        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/quality.md)"))
+    for key, value in arch.items():
+        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/quality.md)"))
+    train = {**train, **fixed_train}
+
+    peak = None
+    if planner.device_type == "cuda" and not planner.measured:
+        from budgetlm.hardware import gpu_peak_flops
+
+        peak = gpu_peak_flops(planner.gpu_name)
+    elif planner.measured:
+        from budgetlm.hardware import peak_flops
+
+        peak = peak_flops(planner.device, {"bf16": torch.bfloat16}.get(run_precision, torch.float32))[0]
+    model_keys = {k: getattr(model, k) for k in ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)}
+    memory = memory_table(model, micro, run_precision, optimizer, planner)
+    return Plan(
+        budget=str(budget),
+        device=planner.gpu_name or (str(planner.device) if planner.device is not None else "?"),
+        measured=planner.measured,
+        model=model_keys,
+        train=train,
+        vocab_size=model.vocab_size,
+        params=total_params(model),
+        non_embedding_params=non_embedding_params(model),
+        flops_per_token=flops_per_token(model),
+        tokens_per_s=tps,
+        tokens=tokens,
+        flops=flops_per_token(model) * tokens,
+        mfu=(tps * flops_per_token(model) / peak) if peak else None,
+        micro_batch=micro,
+        accumulation=accum,
+        memory=memory,
+        device_memory=planner.memory,
+        reasons=reasons,
+        candidates=[
+            {
+                "depth": c.depth,
+                "params": c.params,
+                "vocab_size": c.model.vocab_size,
+                "tokens_per_s": round(c.tokens_per_s),
+                "tokens": round(c.tokens),
+                "loss": round(c.loss, 4),
+            }
+            for c in cands
+        ],
+    )
+
+
+def plan_from_dict(d: dict) -> Plan:
+    return Plan(**{**d, "reasons": [Reason(**r) for r in d.get("reasons", [])]})
+
+
+def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str, planner: Planner) -> dict:
+    """The estimate per device (`budgetlm.memory`) for the plan and for each memory saver alone."""
+    from budgetlm.memory import estimate_memory
+
+    variants = {
+        "as planned": {},
+        "activation checkpointing": {"activation_checkpointing": "full"},
+        "8-bit AdamW": {"optimizer": "adamw8bit"},
+        "CPU offload": {"cpu_offload": True},
+    }
+    out = {}
+    for name, extra in variants.items():
+        kw = {"micro_batch": micro, "precision": precision, "optimizer": optimizer, "device_type": planner.device_type, **extra}
+        est = estimate_memory(model, **kw)
+        out[name] = {k: est.as_dict()[k] for k in ("weights", "gradients", "optimizer_state", "activations", "logits_loss", "total", "host")}
+    if planner.world_size == 1 and out["as planned"]["total"] > MEMORY_HEADROOM * planner.memory:
+        est = out["as planned"]["total"]
+        out["layout"] = {"dp_shard": math.ceil(est / (MEMORY_HEADROOM * planner.memory))}  # FSDP2 over this many devices
+    return out
+
+
+def apply_plan(cfg: RunConfig, plan: Plan) -> None:
+    """Write the plan's choices into `cfg` (the user's own keys are already in the plan)."""
+    for key, value in plan.model.items():
+        setattr(cfg.model, key, value)
+    for key, value in plan.train.items():
+        setattr(cfg.train, key, value)
+
+
+def format_plan(plan: Plan) -> str:
+    m, t = plan.model, plan.train
+    lines = [
+        f"budget {plan.budget} on {plan.device} ({'speeds measured here' if plan.measured else 'speeds estimated'})",
+        f"model   {m['n_layer']} layers x width {m['n_embd']}, {m['n_head']} heads, context {m['seq_len']}, vocabulary {plan.vocab_size:,}: "
+        f"{plan.params / 1e6:.2f}M parameters ({plan.non_embedding_params / 1e6:.2f}M outside the embedding)",
+        f"train   batch {t['batch_tokens']:,} tokens = {plan.accumulation} x {plan.micro_batch} sequences, lr {t['lr']:g} ({t['optimizer']}), "
+        f"{t['schedule']} schedule, {t['precision']}",
+        f"expect  {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens / 1e6:,.1f}M tokens ({plan.tokens / plan.params:.1f} per parameter), "
+        f"{plan.flops:.2g} FLOPs" + (f", MFU {plan.mfu:.0%}" if plan.mfu else ""),
+    ]
+    if plan.memory:
+        gb = lambda b: f"{b / 2**30:,.2f} GiB" if b >= 2**30 else f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        p = plan.memory["as planned"]
+        lines.append(
+            f"memory  {gb(p['total'])} per device of {gb(plan.device_memory)}: weights {gb(p['weights'])}, gradients {gb(p['gradients'])}, "
+            f"optimizer {gb(p['optimizer_state'])}, activations {gb(p['activations'])}, logits and loss {gb(p['logits_loss'])} "
+            f"(micro-batch {plan.micro_batch})"
+        )
+        savers = [f"{k} {gb(v['total'])}" for k, v in plan.memory.items() if k not in ("as planned", "layout")]
+        lines.append(f"        with {', '.join(savers)}")
+        if "layout" in plan.memory:
+            lines.append(f"        does not fit one device: shard it with FSDP2 over {plan.memory['layout']['dp_shard']} devices (parallel.dp_shard)")
+    lines += ["why:", *[f"  {r.key} = {r.value}: {r.rule}" for r in plan.reasons]]
+    if len(plan.candidates) > 1:
+        lines.append("candidates (depth: parameters, tokens/s, tokens in the budget, predicted loss):")
+        for c in plan.candidates:
+            size = f"{c['params'] / 1e6:7.2f}M, vocab {c['vocab_size']:>6,}"
+            lines.append(f"  {c['depth']:2d}: {size}, {c['tokens_per_s']:>10,} tok/s, {c['tokens'] / 1e6:9.1f}M tokens, {c['loss']:.3f}")
+    return "\n".join(lines)
+
+
+def parse_count(text: str) -> float:
+    """'124M', '1.5B', '3e8', '500k' -> a number."""
+    t = str(text).strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        raise UserError(f"cannot read '{text}' as a count (e.g. 124M, 1.5B, 3e8)") from None
+
+
+def parse_bytes(text: str) -> float:
+    """'24GB', '80G', '512MiB' -> bytes (decimal units; the i forms binary)."""
+    t = str(text).strip().upper().replace(" ", "")
+    for suffix, scale in (("GIB", 2**30), ("MIB", 2**20), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if t.endswith(suffix):
+            try:
+                return float(t[: -len(suffix)]) * scale
+            except ValueError:
+                break
+    raise UserError(f"cannot read '{text}' as a memory size (e.g. 24GB, 80G, 512MiB)")
+
+
+def plan_command(args) -> int:
+    import json
+
+    from budgetlm.config import apply_overrides
+    from budgetlm.data.dataset import PreparedData
+    from budgetlm.data.vocab import can_derive
+
+    cfg = apply_overrides(RunConfig(), args.set or [])
+    user_keys = {item.split("=", 1)[0].strip() for item in args.set or []}
+    fixed_model, fixed_train = user_fixed(cfg, user_keys)
+    budget = parse_budget(args.budget)
+    vocab_cap, derivable = 0, True
+    if args.data:
+        data = PreparedData(args.data)
+        vocab_cap, derivable = data.vocab_size, can_derive(data.tokenizer)
+    memory = parse_bytes(args.memory) if args.memory else 0
+    if args.gpu:
+        planner = Planner(None, gpu_name=args.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable)
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU here; pass --gpu NAME to plan for one from its datasheet")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        planner = Planner(device, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, log=None if args.json else _stderr)
+    plan = make_plan(budget, planner, fixed_model=fixed_model, fixed_train=fixed_train, target_params=parse_count(args.params) if args.params else 0)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)

@@ -1,0 +1,142 @@
+"""Measured training speed of a model configuration on this device, cached per machine.
+
+The budget-derived defaults need to know how many tokens a candidate model would see in the
+budget. FLOP counts alone mislead at the sizes a short budget calls for: a 0.5M-parameter
+model on a CPU spends most of its step in per-operation overhead, not in matrix units, so a
+model half the size is far less than twice as fast. So we time it: a few real optimizer steps
+(forward, backward, clipping, optimizer) of the candidate at its micro-batch, on random tokens,
+after two warm-up steps, keeping the fastest of three.
+
+Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
+device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
+configuration, so the second run of a budget on the same machine plans in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from budgetlm import __version__
+from budgetlm.config import ModelConfig, TrainConfig
+from budgetlm.files import write_json
+
+CACHE_FILE = "speed.json"
+METHOD = 2  # part of the cache key: a change in how steps are timed invalidates old timings
+WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
+TIMED_STEPS = 3  # the fastest is kept: noise on a shared machine only ever slows a step down
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("BUDGETLM_CACHE") or Path.home() / ".cache" / "budgetlm").expanduser()
+    return root / CACHE_FILE
+
+
+def device_name(device: torch.device) -> str:
+    """What the speed depends on: the GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> str:
+    blob = json.dumps(
+        {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "budgetlm": __version__,
+            "method": METHOD,
+            "model": dataclasses.asdict(model_cfg),
+            "micro": micro,
+            "precision": precision,
+            "optimizer": optimizer,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, seconds: float) -> None:
+    data = _read_cache()
+    data[key] = seconds
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path(), data)
+    except OSError:
+        pass  # a read-only home only costs the next run a re-measurement
+
+
+def step_seconds(
+    model_cfg: ModelConfig,
+    micro: int,
+    *,
+    precision: str,
+    optimizer: str,
+    device: torch.device,
+    use_cache: bool = True,
+) -> float:
+    """Seconds of one optimizer step of `model_cfg` on `micro` sequences (no accumulation).
+
+    Raises torch.OutOfMemoryError when it does not fit (the caller tries something smaller)."""
+    key = _key(device, model_cfg, micro, precision, optimizer)
+    if use_cache:
+        cached = _read_cache().get(key)
+        if isinstance(cached, (int, float)) and cached > 0:
+            return float(cached)
+    seconds = _measure(model_cfg, micro, precision, optimizer, device)
+    if use_cache:
+        _write_cache(key, seconds)
+    return seconds
+
+
+def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str, device: torch.device) -> float:
+    from budgetlm.model import Transformer, compute_loss
+    from budgetlm.optim import build_optimizer
+
+    rng_state = torch.get_rng_state()  # planning must not change the run's seeded initialisation
+    try:
+        model = Transformer.build(model_cfg, device=device)
+        opt = build_optimizer(model, TrainConfig(optimizer=optimizer), device.type)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        x = torch.randint(0, model_cfg.vocab_size, (micro, model_cfg.seq_len + 1), device=device)
+        times = []
+        for _ in range(WARMUP_STEPS + TIMED_STEPS):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = compute_loss(model, x[:, :-1], x[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()  # the loop reads the loss every step too
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times[WARMUP_STEPS:])
+    finally:
+        torch.set_rng_state(rng_state)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,138 @@
+"""The budget-derived defaults: the rules, the search over measured speeds, the user's keys
+winning, `budgetlm plan`, and `pretrain` with no model keys choosing and recording its model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from budgetlm import plan as P
+from budgetlm.cli import main
+from budgetlm.config import ModelConfig
+from budgetlm.model import Transformer
+from budgetlm.pretrain import pretrain, resolve_config
+from budgetlm.run import load_run
+
+
+def test_parameter_and_flop_counts_match_the_model():
+    for cfg in (
+        ModelConfig(n_layer=2, n_embd=128, n_head=2, vocab_size=2048, seq_len=128),
+        ModelConfig(n_layer=3, n_embd=192, n_head=3, vocab_size=1000, seq_len=256, mlp="relu2", qk_norm=True, tie_embeddings=False),
+        ModelConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, vocab_size=512, seq_len=64, mlp="gelu"),
+    ):
+        model = Transformer.build(cfg)
+        assert P.total_params(cfg) == model.num_params()
+        assert P.flops_per_token(cfg) == model.flops_per_token()
+
+
+def test_rules_grow_with_the_budget_and_land_on_known_anchors():
+    assert [P.shape(d)["seq_len"] for d in (1, 2, 6, 12, 20, 40)] == [128, 128, 512, 1024, 2048, 2048]
+    assert P.shape(12) == {"n_layer": 12, "n_embd": 768, "n_head": 12, "seq_len": 1024}  # GPT-2 small
+    assert P.vocab_rule(P.VOCAB_ANCHOR_NNV) == P.VOCAB_ANCHOR
+    vocabs = [P.vocab_rule(n) for n in (1e5, 1e6, 1e7, 1e8, 1e9)]
+    assert vocabs == sorted(vocabs) and vocabs[-1] <= P.MAX_VOCAB and vocabs[0] >= P.MIN_VOCAB
+    gpu_day = 989e12 * 0.4 * 86400
+    assert 4e-4 <= P.lr_rule(gpu_day) <= 8e-4  # GPT-2 small's 6e-4
+    assert 131072 <= P.batch_rule(gpu_day, 1024) <= 524288  # GPT-2 small's ~0.5M tokens
+    for c in (1e12, 1e15, 1e18):
+        b = P.batch_rule(c, 256)
+        assert b % 256 == 0 and b >= 256
+    assert P.lr_rule(1e12) > P.lr_rule(1e18) and P.batch_rule(1e12, 128) < P.batch_rule(1e18, 128)
+
+
+class FakePlanner(P.Planner):
+    """A device whose speed follows a fixed law: per-step overhead plus FLOPs at a fixed rate."""
+
+    def __init__(self, overhead_s=0.02, flops=5e10, **kw):
+        super().__init__(torch.device("cpu"), **kw)
+        self.overhead_s, self.flops = overhead_s, flops
+        self.timed = []
+
+    def tokens_per_s(self, cfg, micro, precision, optimizer):
+        self.timed.append(cfg.n_layer)
+        tokens = micro * cfg.seq_len
+        return tokens / (self.overhead_s * cfg.n_layer + tokens * P.flops_per_token(cfg) / self.flops)
+
+
+def test_time_budget_picks_the_lowest_predicted_loss_and_stops_past_it():
+    planner = FakePlanner(vocab_cap=8192)
+    plan = P.make_plan("5m", planner)
+    best = min(plan.candidates, key=lambda c: c["loss"])
+    assert plan.model["n_layer"] == best["depth"]
+    assert max(c["depth"] for c in plan.candidates) <= best["depth"] + 2  # stopped soon after the optimum
+    assert plan.candidates[-1]["loss"] > best["loss"]
+    longer = P.make_plan("24h", FakePlanner(vocab_cap=65536))
+    assert longer.model["n_layer"] > plan.model["n_layer"] and longer.vocab_size >= plan.vocab_size
+    assert longer.train["batch_tokens"] > plan.train["batch_tokens"] and longer.train["lr"] < plan.train["lr"]
+    slower = P.make_plan("5m", FakePlanner(flops=5e9, vocab_cap=8192))
+    assert slower.model["n_layer"] <= plan.model["n_layer"]  # a slower device gets a smaller model
+    keys = {r.key for r in plan.reasons}
+    assert {"model.n_layer", "model.vocab_size", "train.batch_tokens", "train.lr", "train.schedule"} <= keys
+
+
+def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
+    planner = FakePlanner(vocab_cap=1024)
+    plan = P.make_plan("24h", planner, fixed_model={"n_layer": 3, "n_embd": 96, "n_head": 3}, fixed_train={"lr": 1e-3, "optimizer": "adamw"})
+    assert (plan.model["n_layer"], plan.model["n_embd"], plan.model["n_head"]) == (3, 96, 3)
+    assert plan.train["lr"] == 1e-3 and plan.train["optimizer"] == "adamw"
+    assert plan.vocab_size == 1024  # the rule wants more; the data has 1024
+    assert set(planner.timed) == {3}
+    assert not {"model.n_layer", "train.lr", "train.optimizer"} & {r.key for r in plan.reasons}
+    wordpiece = P.make_plan("24h", FakePlanner(vocab_cap=30000, vocab_derivable=False))
+    assert wordpiece.vocab_size == 30000  # not derivable: the prepared vocabulary, whatever the rule
+
+
+def test_token_and_step_budgets_follow_chinchilla_without_timing():
+    planner = FakePlanner()
+    plan = P.make_plan("tokens:2e9", planner)
+    assert not planner.timed
+    assert 10 <= 2e9 / plan.params <= 40
+    steps = P.make_plan("steps:1000", FakePlanner())
+    assert steps.tokens == 1000 * steps.train["batch_tokens"]
+
+
+def test_plan_command_for_a_gpu_that_is_not_here(capsys):
+    assert main(["plan", "--budget", "24h", "--gpu", "H100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 14 <= plan["model"]["n_layer"] <= 30 and plan["measured"] is False  # nanochat's d20 is ~32 H100-hours
+    assert main(["plan", "--budget", "2h", "--gpu", "A100", "--params", "124M", "--json"]) == 0
+    assert 100e6 <= json.loads(capsys.readouterr().out)["params"] <= 150e6
+    assert main(["plan", "--budget", "1h", "--gpu", "Voodoo2"]) == 2
+    assert "memory of GPU 'Voodoo2' unknown" in capsys.readouterr().err
+    assert main(["plan", "--budget", "1h", "--gpu", "Voodoo2", "--memory", "12GB"]) == 2
+    assert "no peak FLOP/s known" in capsys.readouterr().err
+    # a size that does not fit one device gets a sharded layout
+    assert main(["plan", "--budget", "24h", "--gpu", "RTX 4090", "--params", "1.5B", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["memory"]["as planned"]["total"] > 0.9 * plan["device_memory"] and plan["memory"]["layout"]["dp_shard"] >= 2
+    assert plan["memory"]["activation checkpointing"]["activations"] < plan["memory"]["as planned"]["activations"]
+
+
+def test_plan_command_times_this_cpu(capsys, tmp_path, monkeypatch, prepared_bpe):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path))
+    assert main(["plan", "--budget", "20s", "--device", "cpu", "--data", str(prepared_bpe), "--set", "model.n_layer=1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["measured"] and plan["tokens_per_s"] > 0 and plan["model"]["n_layer"] == 1 and plan["vocab_size"] <= 512
+    assert (tmp_path / "speed.json").is_file()  # the timing is cached for the next run
+
+
+@pytest.mark.slow
+def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config(None, "6s", ["train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
+    run = tmp_path / "run"
+    summary = pretrain(cfg, run)
+    plan = json.loads((run / "plan.json").read_text())
+    saved = load_run(run).config
+    assert saved.model.n_layer == plan["model"]["n_layer"] and saved.train.lr == plan["train"]["lr"]
+    assert summary["steps"] > 0 and "Why this model" in (run / "report.md").read_text()
+    # a user-set smaller vocabulary is cut from the prepared one, and the run records the derived data
+    keys = ["model.vocab_size=300", "model.n_layer=1", "train.eval_every=0", "train.eval_tokens=1024"]
+    cfg = resolve_config(None, "steps:3", keys, str(prepared_bpe))
+    pretrain(cfg, tmp_path / "small", user_keys={"model.vocab_size", "model.n_layer"})
+    small = load_run(tmp_path / "small")
+    assert small.tokenizer.vocab_size == 300 and small.config.data.endswith("vocab-300")
+    assert main(["eval", str(tmp_path / "small"), "--json"]) == 0
+    assert main(["eval", str(tmp_path / "small"), "--data", str(prepared_bpe), "--json"]) == 0  # finds the derived data
