@@ -29,6 +29,7 @@ from budgetlm.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 COMMON = [
+    "auto=false",  # the planner times this device; every layout must train the very same model
     "model.n_layer=2",
     "model.n_head=4",
     "model.n_embd=64",
