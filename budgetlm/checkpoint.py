@@ -300,16 +300,102 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """Whole model and optimizer states (the optimizer's keyed by parameter name), on rank 0."""
+def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, gather: dict | None = None) -> tuple[dict, dict | None]:
+    """Whole model and optimizer states (the optimizer's keyed by parameter name), on rank 0.
+
+    `gather` is for pipeline stages: every rank holds part of the model, so each stage's whole
+    state is made on every rank of that stage and its first rank (`gather["sender"]`) sends it to
+    rank 0, which merges them (a collective over all ranks)."""
     model = unwrap_model(model)
-    if not is_sharded(model):
-        return model.state_dict(), optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
+    if gather is None:
+        if not is_sharded(model):
+            return model.state_dict(), optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
+        return full_model_state(model), _full_optimizer_state(model, optimizer)
+    import torch.distributed as dist
+
+    if is_sharded(model):  # whole tensors on every rank of the stage (DSD's CPU copy goes to global rank 0 only)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        mine = {k: v.cpu() for k, v in get_model_state_dict(model, options=options).items()}
+        optim = _full_optimizer_state(model, optimizer, options) if optimizer is not None else None
+    else:
+        mine = {k: v.cpu() for k, v in model.state_dict().items()}
+        optim = optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_to_cpu((mine, optim)) if gather["sender"] else None, parts, dst=0)
+    if dist.get_rank() != 0:
+        return {}, None
+    parts = [p for p in parts if p is not None]
+    model_state = {k: v for m, _ in parts for k, v in m.items()}
+    if optimizer is None:
+        return model_state, None
+    merged = {"state": {k: v for _, o in parts for k, v in o["state"].items()}, "param_groups": []}
+    for i, group in enumerate(parts[0][1]["param_groups"]):
+        merged["param_groups"].append({**group, "params": [n for _, o in parts for n in o["param_groups"][i]["params"]]})
+    return model_state, merged
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _full_optimizer_state(model: nn.Module, optimizer, options=None) -> dict | None:
+    if optimizer is None:
+        return None
+    if not optimizer.state:
+        # before the first step: get_optimizer_state_dict would initialise the state with a zero-gradient
+        # step, which advances Adam's step count and changes the bias correction of the real first step
+        return optimizer_state_by_name(model, optimizer, optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_state = full_model_state(model)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_full_options()) if optimizer is not None else None
-    return model_state, optim_state
+    return get_optimizer_state_dict(model, optimizer, options=options or _full_options())
+
+
+def _load_part(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load this rank's part (a pipeline stage) of a whole checkpoint: every rank reads the files and
+    keeps the tensors its model names (no collective: stages hold different parameters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    model = unwrap_model(model)
+    expected = unwrap_model(model).state_dict()
+    state = _read_weights_file(d / MODEL_FILE)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise UserError(f"{d / MODEL_FILE} does not match this model: tensor '{missing[0]}' is missing from it")
+    for name, t in expected.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            there, here = tuple(state[name].shape), tuple(t.shape)
+            raise UserError(f"{d / MODEL_FILE} does not match this model: tensor '{name}' has shape {there} there but {here} in the model")
+    state = {k: state[k] for k in expected}
+    options = StateDictOptions(full_state_dict=True)
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=options)
+    else:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+    if optimizer is None:
+        return
+    opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
+    if not any(isinstance(k, str) for k in opt_state.get("state", {})) and opt_state.get("state"):
+        raise UserError(f"checkpoint {d} keeps its optimizer state by parameter index (an older format); resume it without pipeline parallelism once")
+    mine = set(_param_names(model, optimizer))
+    opt_state = {
+        "state": {k: v for k, v in opt_state["state"].items() if k in mine},
+        "param_groups": [{**g, "params": [n for n in g["params"] if n in mine]} for g in opt_state["param_groups"]],
+    }
+    if not opt_state["state"]:
+        optimizer.state.clear()
+    elif is_sharded(model):
+        set_optimizer_state_dict(model, optimizer, opt_state, options=options)
+    else:
+        optimizer.load_state_dict(optimizer_state_by_index(model, optimizer, opt_state))
 
 
 def _check_shapes(model: nn.Module, path: Path) -> None:
@@ -342,12 +428,17 @@ def _load_sharded(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     state = _read_weights_file(d / MODEL_FILE) if rank0 else {}
     set_model_state_dict(model, state, options=options)
     if optimizer is not None:
+        from budgetlm.distributed import broadcast_object
+
         opt_state = {}
         if rank0:
             opt_state = _torch_load(d / OPTIMIZER_FILE, "optimizer state")
             if not any(isinstance(k, str) for k in opt_state.get("state", {})):
                 opt_state = optimizer_state_by_name(model, optimizer, opt_state)  # an index-keyed (older) checkpoint
-        set_optimizer_state_dict(model, optimizer, opt_state, options=options)
+        if broadcast_object(bool(opt_state.get("state")) if rank0 else None):
+            set_optimizer_state_dict(model, optimizer, opt_state, options=options)
+        else:  # saved before the first step: a fresh optimizer (set_optimizer_state_dict would take a zero step)
+            optimizer.state.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +547,9 @@ def _check_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, d: Pat
                 )
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True) -> dict:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True, partial: bool = False
+) -> dict:
     """Restore weights (and the optimizer and RNG states) from a checkpoint; returns the loop state.
 
     The optimizer must have been built the same way as the saved one (same parameter groups);
@@ -466,11 +559,14 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """
     d = find_checkpoint(path)
     loop_state = read_loop_state(d)
-    if is_sharded(model):
+    if partial:  # a pipeline stage: the part of the whole checkpoint this model holds
+        _load_part(d, model, optimizer)
+        optimizer = None
+    elif is_sharded(model):
         _load_sharded(d, model, optimizer)
     else:
         _load_into(model, _read_weights_file(d / MODEL_FILE), d / MODEL_FILE)
-    if optimizer is not None and not is_sharded(model):
+    if optimizer is not None and not is_sharded(model):  # (a stage's optimizer was loaded with it)
         opt_state = optimizer_state_by_index(model, optimizer, _torch_load(d / OPTIMIZER_FILE, "optimizer state"))
         _check_optimizer_state(opt_state, optimizer, d)
         try:

@@ -46,6 +46,7 @@ from budgetlm.distributed import (
     parallelize,
     print0,
 )
+from budgetlm.distributed.pipeline import make_stage, stage_layers
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
@@ -141,6 +142,12 @@ def choose_micro_batch(cfg: RunConfig, per_replica_seqs: int, par: Parallelized,
             raise UserError(f"train.micro_batch={cfg.train.micro_batch} must divide the per-replica batch of {per_replica_seqs} sequences")
         return cfg.train.micro_batch
     candidates = divisors_desc(per_replica_seqs)
+    if hasattr(par.train_model, "pipeline_step"):  # the schedule cuts each micro-batch into n pieces
+        n = par.train_model.n_microbatches
+        fits = [d for d in candidates if d % n == 0 and d * cfg.model.seq_len <= CPU_MICRO_BATCH_TOKENS * n]
+        if not fits:
+            raise UserError(f"the per-replica batch of {per_replica_seqs} sequences does not split into parallel.pp_microbatches={n}")
+        return fits[0]
     if device.type != "cuda":
         return next(d for d in candidates if d * cfg.model.seq_len <= CPU_MICRO_BATCH_TOKENS or d == 1)
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p
@@ -289,10 +296,16 @@ def build_model(cfg: RunConfig, dims: ParallelDims, dist: DistInfo, precision: P
     full = Transformer.on_meta(cfg.model)  # shapes only: counts without memory
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
     mesh = build_mesh(dims, device)
-    torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank and layout
+    torch.manual_seed(cfg.train.seed)
+    seed = int(torch.randint(0, 2**62, ()))  # the same initialisation on every rank, stage and layout
     model = Transformer.on_meta(cfg.model)
+    if dims.pp_enabled:  # this rank's pipeline stage: the same model with the other stages' parts deleted
+        m = cfg.model
+        stage = dims.coords(dist.rank)["pp"]
+        layers = stage_layers(m.n_layer, m.n_embd, full.padded_vocab_size, dims.pp)[stage]
+        make_stage(model, layers, first=stage == 0, last=stage == dims.pp - 1)
     param_dtype = precision.dtype if precision.name == "bf16" else None
-    par = parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype)
+    par = parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed)
     return full, par
 
 
@@ -346,7 +359,7 @@ class Trainer:
 
     def save(self, done: bool = False) -> None:
         """A checkpoint of everything resume needs; gathered to rank 0 (a collective when sharded)."""
-        model_state, optim_state = ckpt.full_train_state(self.par.model, self.optimizer)
+        model_state, optim_state = ckpt.full_train_state(self.par.model, self.optimizer, gather=self.gather)
         if self.dist.rank == 0:
             loop = {
                 "loop": {**self.state.__dict__, "done": done},
@@ -360,14 +373,24 @@ class Trainer:
 
     def restore(self, restore_rng: bool = True) -> dict:
         """Load the last checkpoint into the model, optimizer and scaler (any layout); returns its loop state."""
-        loop = ckpt.load_checkpoint(self.ckpt_dir, self.par.model, self.optimizer, restore_rng=restore_rng)
+        partial = self.dims.pp_enabled  # a pipeline stage loads its own part
+        loop = ckpt.load_checkpoint(self.ckpt_dir, self.par.model, self.optimizer, restore_rng=restore_rng, partial=partial)
         if self.scaler is not None and loop.get("scaler"):
             self.scaler.load_state_dict(loop["scaler"])
         return loop
 
+    @property
+    def gather(self):
+        """For a pipeline: how whole states of the stages reach rank 0 (None: one model holds them all)."""
+        if not self.dims.pp_enabled:
+            return None
+        c = self.dims.coords(self.dist.rank)
+        return {"sender": c["dp"] == 0 and c["tp"] == 0}
+
     def evaluate(self) -> dict:
+        model = self.par.train_model if self.dims.pp_enabled else self.par.model  # a pipeline evaluates through its schedule
         return evaluate_lm(
-            self.par.model, self.data, objective=self.cfg.model.objective, seq_len=self.cfg.model.seq_len,
+            model, self.data, objective=self.cfg.model.objective, seq_len=self.cfg.model.seq_len,
             n_tokens=self.cfg.train.eval_tokens, batch_size=self.micro, device=self.device,
             autocast=self.precision.autocast, mlm_rate=self.cfg.train.mlm_rate, loss_parallel=self.par.loss_parallel,
         )  # fmt: skip
@@ -380,9 +403,11 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dims = ParallelDims.resolve(cfg.parallel, dist.world_size)
-    check_parallel_config(cfg)
     plan = plan_run(cfg, dist, user_keys) if cfg.auto and not resume else None  # may point cfg.data at a derived vocabulary
     data = open_data(cfg)  # fixes model.vocab_size
+    check_parallel_config(cfg)  # again: the plan may have changed the model's shape
+    if cfg.train.optimizer == "muon" and (dims.fsdp or dims.tp_enabled):
+        raise UserError("train.optimizer=muon orthogonalises whole matrices: use it without FSDP2 or tensor parallel (DDP or pipeline parallel)")
 
     seq_len = cfg.model.seq_len
     global_seqs = cfg.train.batch_tokens // seq_len
@@ -416,6 +441,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
         saved = loop.get("layout", {}).get("world_size")
         if saved and saved != dist.world_size:
             print0(f"resuming a run saved on {saved} processes on {dist.world_size} ({dims.describe()})")
+        if dist.rank == 0:
+            save_config(cfg, run_dir / CONFIG_FILE)  # the budget and layout it continues with
+        barrier()
     else:
         prepare_run_dir(run_dir, cfg, data, dist)
         if plan is not None and dist.rank == 0:
@@ -443,8 +471,11 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
 def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
     t = setup(cfg, run_dir, resume, dist, user_keys)
     if t.state.done:
-        print0(f"run {run_dir} already finished; nothing to resume")
-        return {"val": t.state.evals[-1] if t.state.evals else {}, "already_finished": True}
+        if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
+            print0(f"run {run_dir} already finished; nothing to resume")
+            return {"val": t.state.evals[-1] if t.state.evals else {}, "already_finished": True}
+        t.state.done = False
+        print0(f"run {run_dir} finished at step {t.state.step}; continuing under the longer budget {cfg.budget.limit}")
     announce(t, resume)
     fit(t)
     return validate(t)
@@ -563,14 +594,14 @@ def validate(t: Trainer) -> dict:
         planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
         summary["planned_tokens"] = round(planned)
         summary["tokens_vs_plan"] = round(state.tokens / max(planned, 1), 3)
-    weights = ckpt.full_model_state(t.par.model)  # consolidated on rank 0 (a collective when sharded)
+    weights, _ = ckpt.full_train_state(t.par.model, None, gather=t.gather)  # consolidated on rank 0 (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
         write_json(t.run_dir / "eval.json", val)
         samples = []
         if cfg.model.objective == "causal":
             model = t.par.model
-            if ckpt.is_sharded(model):  # sample from one whole copy, built from the consolidated weights
+            if ckpt.is_sharded(model) or t.dims.pp_enabled:  # sample from one whole copy, built from the consolidated weights
                 model = Transformer.build(cfg.model, device=t.device, seed=0)
                 ckpt.load_weights(t.run_dir / WEIGHTS_FILE, model)
             samples = _samples(model, t.data, cfg, t.device)
@@ -652,12 +683,16 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 def pretrain_command(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
-        if overrides or args.recipe or args.budget or args.data or args.out:
-            raise UserError("--resume continues a run with its own config; give no other settings")
+        if args.recipe or args.data or args.out or any(not o.startswith("parallel.") for o in overrides):
+            raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
         run_dir = Path(args.resume)
         cfg = run_config(run_dir)
         if not (run_dir / CHECKPOINT_DIR).is_dir():
             raise UserError(f"run {run_dir} has no checkpoint to resume from")
+        if args.budget:
+            cfg.budget.limit = args.budget
+        apply_overrides(cfg, overrides)
+        check_config(cfg)
         summary = pretrain(cfg, run_dir, resume=True)
     else:
         cfg = resolve_config(args.recipe, args.budget, overrides, args.data)

@@ -116,7 +116,12 @@ def train_step(
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as parallel_loss
     loss_sum = None
+    pipeline = hasattr(model, "pipeline_step")  # budgetlm.distributed.pipeline.Pipeline: its schedule runs backward
     for i, batch in zip(range(n_micro), batches):
+        if pipeline:
+            loss = model.pipeline_step(batch, scale=1.0 / n_micro)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            continue
         with grad_sync(model, last=i == n_micro - 1), parallel_loss():
             with autocast():
                 loss = loss_fn(model, batch)
@@ -130,7 +135,7 @@ def train_step(
     if math.isfinite(loss_val) and grad_clip > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, grad_clip)
+        grad_norm = clip_grad_norm(params, grad_clip, pp_group=model.pp_group if pipeline else None)
     # with a scaler, inf/nan gradients are the scaler's business: it skips the step and lowers its scale
     finite = math.isfinite(loss_val) and (grad_clip <= 0 or math.isfinite(grad_norm) or scaler is not None)
     if finite:

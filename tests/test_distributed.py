@@ -109,3 +109,59 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
 
 def test_two_gloo_processes(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def _dims(world: int, **settings) -> D.ParallelDims:
+    from budgetlm.config import ParallelConfig
+
+    return D.ParallelDims.resolve(ParallelConfig(**settings), world)
+
+
+def test_parallel_dims_fill_in_and_name_bad_degrees():
+    d = _dims(8)
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.pp, d.ddp, d.fsdp) == (8, 1, 1, 1, True, False)  # DDP by default
+    d = _dims(8, dp_shard=-1, tp=2)
+    assert (d.dp_replicate, d.dp_shard, d.dp, d.fsdp) == (1, 4, 4, True)
+    d = _dims(8, dp_replicate=2, dp_shard=2, tp=2)
+    assert d.describe() == "HSDP 2 x 2 x tp 2"
+    assert _dims(4, dp_replicate=2, tp=2).fsdp  # replicas of a TP model: HSDP with shards of one, not DDP
+    # ranks: tensor parallel innermost, pipeline outermost
+    d = _dims(8, pp=2, dp_shard=2, tp=2)
+    assert [d.coords(r)["tp"] for r in range(4)] == [0, 1, 0, 1]
+    assert [d.coords(r)["pp"] for r in range(8)] == [0] * 4 + [1] * 4
+    assert [d.coords(r)["dp"] for r in range(4)] == [0, 0, 1, 1]
+    one_line = r"^parallel degrees dp_replicate=\? x dp_shard=1 x tp=3 x pp=1 do not multiply to the 4 processes started$"
+    with pytest.raises(D.UserError, match=one_line):
+        _dims(4, tp=3)
+    with pytest.raises(D.UserError, match="dp_replicate=2 x dp_shard=2 x tp=2 x pp=1"):
+        _dims(4, dp_replicate=2, dp_shard=2, tp=2)
+    with pytest.raises(D.UserError, match="parallel.dp=3 does not match"):
+        _dims(4, dp=3)
+    with pytest.raises(D.UserError, match="parallel.tp=0"):
+        _dims(4, tp=0)
+
+
+def test_pipeline_stages_balance_flops():
+    from budgetlm.distributed.pipeline import stage_layers
+
+    assert stage_layers(8, 512, 512, 2) == [list(range(4)), list(range(4, 8))]  # output ~0.04 blocks: an even cut
+    # a large vocabulary makes the output projection worth ~2.7 blocks: the last stage gets fewer layers
+    assert stage_layers(8, 768, 50304, 2) == [list(range(5)), list(range(5, 8))]
+    assert sum(len(s) for s in stage_layers(13, 256, 4096, 4)) == 13
+    with pytest.raises(D.UserError, match="at least as many layers"):
+        stage_layers(2, 64, 128, 3)
+
+
+def test_settings_that_cannot_work_are_refused_before_anything_runs():
+    from budgetlm.config import RunConfig, apply_overrides
+
+    def refused(*overrides, match):
+        cfg = apply_overrides(RunConfig(), list(overrides))
+        with pytest.raises(D.UserError, match=match):
+            D.check_parallel_config(cfg)
+
+    refused("parallel.tp=3", match="must divide model.n_head")
+    refused("parallel.tp=2", "model.objective=masked", match="causal only")
+    refused("parallel.pp=2", match="tie_embeddings=false")
+    refused("parallel.pp=8", "model.tie_embeddings=false", match="at least as many layers")
+    refused("parallel.dp_shard=-1", "parallel.ddp_comm_hook=powersgd", match="DDP only")

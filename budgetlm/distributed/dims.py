@@ -49,7 +49,7 @@ class ParallelDims:
             show = lambda v: "?" if v == -1 else str(v)
             raise UserError(
                 f"parallel degrees dp_replicate={show(rep)} x dp_shard={show(shard)} x tp={tp} x pp={pp} "
-                f"do not multiply to the {world_size} processes started"
+                f"do not multiply to the {world_size} process{'es' if world_size != 1 else ''} started"
             )
         if parallel.dp != -1 and parallel.dp != rep * shard:
             raise UserError(f"parallel.dp={parallel.dp} does not match dp_replicate={rep} x dp_shard={shard} for {world_size} processes")
@@ -64,9 +64,10 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        """FSDP2 (or HSDP): sharded data parallel, CPU offload, or replicas of a tensor-parallel model
-        (DDP cannot wrap DTensor parameters; HSDP with shards of 1 is the same replication)."""
-        return self.dp_shard > 1 or self.fsdp_on_one_process or (self.dp_replicate > 1 and self.tp > 1)
+        """FSDP2 (or HSDP): sharded data parallel, CPU offload, or replicas of a tensor- or pipeline-parallel
+        model (DDP cannot wrap DTensor parameters, and hangs inside a pipeline stage's backward on torch
+        2.13; HSDP with shards of 1 is the same replication)."""
+        return self.dp_shard > 1 or self.fsdp_on_one_process or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp(self) -> bool:

@@ -7,10 +7,11 @@ re-describe parameters as DTensor shards, and `Transformer.materialize` then all
 initialises each rank's shards, so no rank ever holds the whole model. DDP needs real tensors and
 comes after materialisation.
 
-Known limits of torch 2.13 (checked on CPU/gloo): per-block compile with sequence parallel fails,
-and whole-model compile of FSDP2 + tensor parallel + sequence parallel fails; so compile is
-per block under FSDP2 (without sequence parallel), whole-model otherwise, and switched off, with
-a printed note, for FSDP2 + sequence parallel.
+Known limits of torch 2.13 reported for CPU/gloo (the compile paths here are not exercised by the
+tests, which run eager on CPU): per-block compile with sequence parallel fails, and whole-model
+compile of FSDP2 + tensor parallel + sequence parallel fails; so compile is per block under FSDP2
+or a pipeline (without sequence parallel), whole-model otherwise, and switched off, with a
+printed note, where sequence parallel meets FSDP2 or per-block compile.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def check_parallel_config(cfg) -> None:
             raise UserError("parallel.pp > 1 needs model.tie_embeddings=false (the first and last stages cannot share one matrix)")
         if m.objective != "causal":
             raise UserError("parallel.pp > 1 supports model.objective=causal only")
-    if p.ddp_comm_hook != "none" and (p.dp_shard != 1 or p.tp > 1):
-        raise UserError("parallel.ddp_comm_hook applies to DDP only (parallel.dp_shard=1, parallel.tp=1)")
+        if m.n_layer < p.pp:
+            raise UserError(f"parallel.pp={p.pp} stages need at least as many layers (model.n_layer={m.n_layer})")
+    if p.ddp_comm_hook != "none" and (p.dp_shard != 1 or p.tp > 1 or p.pp > 1):
+        raise UserError("parallel.ddp_comm_hook applies to DDP only (parallel.dp_shard=1, parallel.tp=1, parallel.pp=1)")
     if p.ddp_comm_hook in ("bf16", "fp16") and not torch.cuda.is_available():
         raise UserError(f"parallel.ddp_comm_hook={p.ddp_comm_hook} needs NCCL on CUDA GPUs (gloo has no compressed all-reduce hook)")
     if cfg.train.precision == "fp16" and (p.dp_shard != 1 or p.tp > 1 or p.fsdp_cpu_offload):
@@ -75,13 +78,18 @@ def _compile_plan(dims: ParallelDims, cfg, compile_on: bool) -> str:
     return "whole"
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg, mesh, device: torch.device, *, compile_on: bool, param_dtype=None) -> Parallelized:
-    """Apply cfg.parallel to `model` (a Transformer or pipeline stage on `meta`), allocate and
-    initialise it on `device`, and return what to train. Initialisation draws from torch's global
-    generator, the same on every rank, so seed it first."""
+def parallelize(
+    model: nn.Module, dims: ParallelDims, cfg, mesh, device: torch.device, *, compile_on: bool, param_dtype=None, seed: int | None = None
+) -> Parallelized:
+    """Apply cfg.parallel to `model` (a Transformer, or its pipeline stage, on `meta`), allocate and
+    initialise it on `device` (from `seed`, else one draw of torch's global generator), and return
+    what to train: the model, or a `Pipeline` around this rank's stage."""
     p = cfg.parallel
+    # between pipeline stages activations travel whole: no sequence-sharded hand-over, no sharded logits
+    sequence_parallel = p.sequence_parallel and not dims.pp_enabled
+    loss_parallel = p.loss_parallel and not dims.pp_enabled
     if dims.tp_enabled:
-        apply_tp(model, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel)
+        apply_tp(model, mesh["tp"], sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     if p.activation_checkpointing != "none":
         apply_ac(model, p.activation_checkpointing)
     compiled = _compile_plan(dims, cfg, compile_on)
@@ -91,14 +99,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, mesh, device: torch.d
     if dims.fsdp:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, param_dtype=param_dtype, reshard_after_forward=p.reshard_after_forward, cpu_offload=p.fsdp_cpu_offload)
-    model.materialize("cpu" if p.fsdp_cpu_offload else device)
+    model.materialize("cpu" if p.fsdp_cpu_offload else device, seed)
     train_model = model
     if compiled == "whole":
         train_model = torch.compile(model)
-    if dims.ddp:
-        group = mesh["dp_replicate"].get_group() if mesh is not None and mesh.ndim > 1 and dims.pp_enabled else None
-        train_model = apply_ddp(train_model, device, group=group, comm_hook=p.ddp_comm_hook)
-    return Parallelized(train_model, model, compiled, loss_parallel=dims.tp_enabled and p.loss_parallel)
+    if dims.ddp:  # DDP is only chosen without tensor or pipeline parallel or sharding: every rank a replica
+        train_model = apply_ddp(train_model, device, comm_hook=p.ddp_comm_hook)
+    if dims.pp_enabled:
+        from budgetlm.distributed.pipeline import build_pipeline
+
+        stage = dims.coords(torch.distributed.get_rank())["pp"]
+        train_model = build_pipeline(model, train_model, stage=stage, n_stages=dims.pp, pp_mesh=mesh["pp"], device=device,
+                                     schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp)  # fmt: skip
+    return Parallelized(train_model, model, compiled, loss_parallel=dims.tp_enabled and loss_parallel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,8 +65,14 @@ def evaluate_lm(
         n = int((y != -100).sum())
         if n == 0:
             continue
-        with loss_ctx(), autocast():
-            loss = compute_loss(model, x.to(device), y.to(device))
+        if hasattr(model, "pipeline_loss"):  # a pipeline: every stage runs the batch, the last one scores it
+            if x.shape[0] % model.n_microbatches:
+                continue  # a short last batch does not split into the schedule's pieces
+            with autocast():
+                loss = model.pipeline_loss(x.to(device), y.to(device))
+        else:
+            with loss_ctx(), autocast():
+                loss = compute_loss(model, x.to(device), y.to(device))
         if hasattr(loss, "full_tensor"):
             loss = loss.full_tensor()
         total += float(loss) * n
