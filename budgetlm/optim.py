@@ -116,6 +116,8 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
     if not hasattr(torch.optim, "Muon"):
         raise UserError(f"train.optimizer=muon needs PyTorch >= 2.9 (this is {torch.__version__}); use train.optimizer=adamw")
     hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+    if any(hasattr(p, "device_mesh") for p in hidden):
+        raise UserError("train.optimizer=muon needs whole matrices on each rank; with FSDP2 or tensor parallelism use train.optimizer=adamw")
     hidden_ids = {id(p) for p in hidden}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in param_groups(model, cfg.weight_decay)]
     rest = [g for g in rest if g["params"]]
