@@ -66,10 +66,8 @@ ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
 DEFAULT_OPTIMIZER = "muon"
 WARMUP = 0.02
-
-# the keys the planner may choose; any the user sets wins
-MODEL_KEYS = ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)
-TRAIN_KEYS = ("batch_tokens", "lr", "warmup", "schedule", "min_lr_ratio", "optimizer", "precision")
+EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
+EVAL_TOKENS_SHORT = 32768  # held-out tokens per evaluation for runs of under 20M tokens
 
 
 @dataclass
@@ -411,18 +409,23 @@ def make_plan(
         rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
+    eval_tokens = fixed_train.get("eval_tokens", EVAL_TOKENS_SHORT if tokens < 20e6 else TrainConfig().eval_tokens)
+    # a forward pass costs about a third of a training step: evaluate as often as EVAL_SHARE of the budget allows
+    n_evals = max(2, min(10, int(EVAL_SHARE * 3 * tokens / max(eval_tokens, 1)))) if tps > 0 else 10
     for key, value, rule in (
         ("schedule", "linear", "linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et al. 2025)"),
         ("min_lr_ratio", 0.0, "decay to zero"),
         ("warmup", WARMUP, "a short warm-up, as a fraction of the budget"),
+        ("eval_tokens", eval_tokens, "held-out tokens per evaluation"),
+        ("eval_every", round(1 / n_evals, 3), f"{n_evals} evaluations: the clock counts them, so they take about {EVAL_SHARE:.0%} of the budget"),
     ):
         train[key] = fixed_train.get(key, value)
         if key not in fixed_train:
             reasons.append(Reason(f"train.{key}", value, rule))
     if "optimizer" not in fixed_train:
-        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/quality.md)"))
+        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
     for key, value in arch.items():
-        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/quality.md)"))
+        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
     train = {**train, **fixed_train}
 
     peak = None
