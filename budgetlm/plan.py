@@ -62,7 +62,7 @@ CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy with
 GPU_MICRO_TOKENS = 16384
 MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
 ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
-# the architecture and optimizer measured best at equal wall clock (bench/results/quality.md)
+# the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md)
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
 DEFAULT_OPTIMIZER = "muon"
 WARMUP = 0.02
