@@ -239,6 +239,16 @@ def measure(name: str, args, baseline_mb: float) -> dict:
     return row
 
 
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
@@ -314,7 +324,7 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name()
         method = "torch.cuda.max_memory_allocated() over the steps, minus memory_allocated() before the model is built"
     else:
-        device = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores visible, {args.threads} torch thread(s)"
+        device = f"{cpu_name()}, {os.cpu_count()} cores visible, {args.threads} torch thread(s)"
         method = "torch.profiler(profile_memory=True): peak of the CPU allocator's running 'Total Allocated' from before the model is built"
     errors = [abs(r["error"]) for r in rows]
     result = dict(
