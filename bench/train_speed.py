@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--peak-n", type=int, default=2048, help="CPU only: size of the square matmul that measures the peak FLOP/s")
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. bench/results/train_speed)")
     args = p.parse_args(argv)
 
@@ -271,8 +272,8 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         torch_dtype = DTYPES[dtype] or torch.float32
         if device.type == "cpu":  # best of three so a busy moment does not flatter the MFU
-            peaks[dtype] = max(measure_matmul_flops(device, torch_dtype, n=2048, seconds=1.0) for _ in range(3))
-            sources[dtype] = f"measured {dtype} 2048^3 matmul, best of 3"
+            peaks[dtype] = max(measure_matmul_flops(device, torch_dtype, n=args.peak_n, seconds=1.0) for _ in range(3))
+            sources[dtype] = f"measured {dtype} {args.peak_n}^3 matmul, best of 3"
         else:
             peaks[dtype], sources[dtype] = peak_flops(device, torch_dtype)
     rows = []
