@@ -64,7 +64,7 @@ echo "bench/gpu.sh: device $DEVICE, results in $OUT, at most ${TOTAL}s"
 run_section() {
   local name=$1 limit=$2; shift 2
   local now left rc t0
-  now=$(date +%s); left=$((TOTAL - (now - START) - 5))
+  now=$(date +%s); left=$((TOTAL - (now - START) - ${RESERVE:-30}))  # 30 s kept for the summary
   if [ "$left" -lt "$limit" ]; then limit=$left; fi
   if [ "$limit" -le 5 ]; then
     printf '%s\tskipped (no time left)\t0\t-\n' "$name" >> "$STATUS"; echo "[$name] skipped: no time left"; return 0
@@ -159,7 +159,7 @@ run_section fp16 100 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype f
   $COMPILE_FP16 --no-hf $STEPS --out "$OUT/train_speed_fp16"
 run_section hf_compile 110 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype bf16 --configs "$CONFIG" --batch "$BATCH" \
   --compile-hf --no-eager $STEPS --out "$OUT/train_speed_bf16_hf_compile"
-run_section summary 20 "$PYTHON" - "$OUT" <<'EOF'
+RESERVE=2 run_section summary 20 "$PYTHON" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 def load(name):
