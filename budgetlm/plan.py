@@ -347,7 +347,7 @@ def make_plan(
         fixed_model.update({k: v for k, v in shape(depth).items() if k not in fixed_model})
 
     if budget.kind == "time":
-        seconds = budget.limit * (1 - reserve)
+        seconds = budget.limit * (1 - reserve - EVAL_SHARE)
         cands = planner.search(seconds, fixed_model, arch, precision, optimizer)
         best = min(cands, key=lambda c: c.loss)
         why = (
@@ -388,7 +388,7 @@ def make_plan(
         measured = ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in speeds.items())
         rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
         reasons.append(Reason("train.precision", run_precision, rule))
-    tokens = tps * budget.limit * (1 - reserve) if budget.kind == "time" else best.tokens
+    tokens = tps * budget.limit * (1 - reserve - EVAL_SHARE) if budget.kind == "time" else best.tokens
 
     for key in ("n_layer", "n_embd", "n_head"):
         if key not in fixed_model:
