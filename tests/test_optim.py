@@ -167,7 +167,7 @@ def _steps(model, opt, n, seed=0, same_batch=False):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
