@@ -74,7 +74,16 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     # Both call fused kernels (F.rms_norm / F.layer_norm) rather than composing pow/mean/rsqrt.
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
-    return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, eps=cfg.norm_eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` whose gain follows the input's dtype: under CPU bf16 autocast the input is bf16,
+    and an fp32 gain would send every call to the unfused kernel (with a warning each time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +115,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
         # QK-norm (Dehghani et al. 2023; OLMo 2, Qwen3) keeps attention logits bounded at high learning rates.
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
