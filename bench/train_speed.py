@@ -44,8 +44,10 @@ from budgetlm.model import Transformer  # noqa: E402
 CONFIGS = {
     "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192), 8),
     "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192), 4),
-    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257), 16),
+    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257), 16),  # the gpt-124m-1gpu recipe's model
+    "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256), 2),  # bench/gpu.sh --dry-run
 }
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_name() -> str:
@@ -68,22 +70,29 @@ def device_name(device: torch.device) -> str:
 class Variant:
     """One model + optimizer + step function, timed over many interleaved steps."""
 
-    def __init__(self, name, model, step_fn, optimizer):
-        self.name, self.model, self.step_fn, self.optimizer = name, model, step_fn, optimizer
+    def __init__(self, name, model, step_fn, optimizer, scaler=None):
+        self.name, self.model, self.step_fn, self.optimizer, self.scaler = name, model, step_fn, optimizer, scaler
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.warmup_s = 0.0
 
     def step(self, device: torch.device) -> None:
         loss = self.step_fn()
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is not None:  # fp16 on a GPU: loss scaling, as budgetlm's loop does
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
 
-def build_variants(cfg: ModelConfig, batch: int, device: torch.device, dtype: str, compile_ours: bool, compile_hf: bool, eager: bool):
+def build_variants(
+    cfg: ModelConfig, batch: int, device: torch.device, dtype: str, compile_ours: bool, compile_hf: bool, eager: bool, no_hf: bool = False
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -96,29 +105,32 @@ def build_variants(cfg: ModelConfig, batch: int, device: torch.device, dtype: st
         diff = (ours(x[:1]) - hf(input_ids=x[:1]).logits.float()).abs().max().item()
     assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
 
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    low = DTYPES[dtype]
+    autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
 
     def make(name, model, call):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" and device.type == "cuda" else None
 
         def step_fn():
             with autocast():
                 return call(model)
 
-        return Variant(name, model, step_fn, opt)
+        return Variant(name, model, step_fn, opt, scaler)
 
     variants = []
     ours_call = lambda m: m(x, y)
     hf_call = lambda m: m(input_ids=x, labels=x).loss
     if eager:
         variants.append(make("budgetlm", ours, ours_call))
-        variants.append(make("hf", hf, hf_call))
+        if not no_hf:
+            variants.append(make("hf", hf, hf_call))
     if compile_ours:
         # a second copy so eager and compiled rows do not share optimizer state
         torch.manual_seed(0)
         twin = Transformer.build(cfg, device)
         variants.append(make("budgetlm+compile", torch.compile(twin), ours_call))
-    if compile_hf:
+    if compile_hf and not no_hf:
         variants.append(make("hf+compile", torch.compile(hf), hf_call))
     return variants
 
@@ -127,12 +139,21 @@ def measure_config(name: str, args, device: torch.device, dtype: str, peak: floa
     sizes, batch = CONFIGS[name]
     cfg = ModelConfig(**sizes)
     batch = args.batch or batch
-    variants = build_variants(cfg, batch, device, dtype, args.compile, args.compile_hf, not args.no_eager)
-    for v in variants:  # untimed: first-call allocations, oneDNN primitive caches, compilation
+    variants = build_variants(cfg, batch, device, dtype, args.compile, args.compile_hf, not args.no_eager, args.no_hf)
+    failed = []
+    for v in list(variants):  # untimed: first-call allocations, oneDNN primitive caches, compilation
         start = time.perf_counter()
-        for _ in range(args.warmup):
-            v.step(device)
+        try:
+            for _ in range(args.warmup):
+                v.step(device)
+        except Exception as exc:  # e.g. a compile failure: keep the other variants' numbers
+            print(f"{name} {dtype} {v.name}: failed in warm-up: {type(exc).__name__}: {exc}"[:2000], file=sys.stderr, flush=True)
+            failed.append(dict(config=name, dtype=dtype, variant=v.name, error=f"{type(exc).__name__}: {exc}"[:500]))
+            variants.remove(v)
+            continue
         v.warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.repeats):
         for _ in range(args.steps):
             for v in variants:  # interleaved step by step: shared-machine noise hits every variant alike
@@ -177,8 +198,10 @@ def measure_config(name: str, args, device: torch.device, dtype: str, peak: floa
             )
         )
         print(json.dumps(rows[-1]), flush=True)
+    if device.type == "cuda" and rows:  # all variants co-resident: an upper bound, not one model's peak
+        rows[-1]["cuda_max_memory_allocated_all_variants"] = torch.cuda.max_memory_allocated(device)
     del variants
-    return rows
+    return rows + failed
 
 
 def load_average() -> list[float] | None:
@@ -208,6 +231,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['config']} | | | {r['dtype']} | {r['variant']} | failed: {r['error'][:120]} | | | | | |")
+            continue
         vs = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x ({r['speedup_vs_hf_best']:.2f}x, {r['speedup_vs_hf_cpu_time']:.2f}x)"
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | {r['dtype']} | {r['variant']} | "
@@ -220,16 +246,18 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="fp32, bf16 autocast, or both")
+    p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "fp16", "both"], help="fp32, bf16 or fp16 autocast, or both (fp32 and bf16)")
     p.add_argument("--configs", default="cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--batch", type=int, default=0, help="micro-batch in sequences (default: per config)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd budgetlm row")
     p.add_argument("--compile-hf", action="store_true", help="add a torch.compile'd Hugging Face row")
     p.add_argument("--no-eager", action="store_true", help="skip the eager rows (compile only)")
+    p.add_argument("--no-hf", action="store_true", help="budgetlm rows only (no Hugging Face model is built)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--peak-n", type=int, default=2048, help="CPU only: size of the square matmul that measures the peak FLOP/s")
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. bench/results/train_speed)")
     args = p.parse_args(argv)
 
@@ -242,10 +270,10 @@ def main(argv=None) -> int:
     load_before = load_average()
     peaks, sources = {}, {}
     for dtype in dtypes:
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        torch_dtype = DTYPES[dtype] or torch.float32
         if device.type == "cpu":  # best of three so a busy moment does not flatter the MFU
-            peaks[dtype] = max(measure_matmul_flops(device, torch_dtype, n=2048, seconds=1.0) for _ in range(3))
-            sources[dtype] = f"measured {dtype} 2048^3 matmul, best of 3"
+            peaks[dtype] = max(measure_matmul_flops(device, torch_dtype, n=args.peak_n, seconds=1.0) for _ in range(3))
+            sources[dtype] = f"measured {dtype} {args.peak_n}^3 matmul, best of 3"
         else:
             peaks[dtype], sources[dtype] = peak_flops(device, torch_dtype)
     rows = []

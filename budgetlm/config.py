@@ -83,7 +83,11 @@ class PrepareConfig:
 class TrainConfig:
     batch_tokens: int = opt(32768, "global batch in tokens per optimizer step (fixed across GPU counts)")
     micro_batch: int = opt(0, "sequences per forward pass on one device; 0 = chosen to fit")
-    optimizer: str = opt("adamw", "adamw, or muon: Muon for the hidden matrices and AdamW for embeddings, head and gains", ("adamw", "muon"))
+    optimizer: str = opt(
+        "adamw",
+        "adamw; muon: Muon for the hidden matrices and AdamW for embeddings, head and gains; adamw8bit: AdamW with 8-bit states (torchao)",
+        ("adamw", "muon", "adamw8bit"),
+    )
     lr: float = opt(1e-3, "peak learning rate (with muon, the RMS-matched rate of every group)")
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak")
     schedule: str = opt("linear", "learning-rate shape over budget progress", ("one-cycle", "linear", "wsd", "cosine", "constant"))

@@ -11,9 +11,9 @@ overhead, so halving it buys far fewer than twice the tokens, and a FLOP count w
 model much too small.
 
 Every rule, with its source, lands in the run's report and in `budgetlm plan`:
-- loss(N, D) = E + A / N^alpha + B / D^beta, Chinchilla's form (Hoffmann et al. 2022) with the
-  constants of the replication by Besiroglu et al. 2024 (E 1.82, A 482, B 2085, alpha 0.348,
-  beta 0.366; N counts every parameter, embeddings included, D tokens).
+- loss(N, D) = E + A / N^alpha + B / D^beta with Chinchilla's constants (Hoffmann et al. 2022,
+  approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; N counts every parameter,
+  embeddings included, D tokens), which rank the depths the way this project measured them.
 - vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
   parameters grow as the non-vocabulary parameters to the power 0.83; with width growing as
   N_nv^(1/3) in this family that is V proportional to N_nv^0.5, anchored at this project's
@@ -45,27 +45,29 @@ ASPECT = 64  # width per layer: nanochat's model_dim = 64 x depth
 HEAD_DIM = 64
 MAX_DEPTH = 40
 MIN_SEQ, MAX_SEQ = 128, 2048
-# Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt", table 1
-LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.82, 482.01, 2085.43, 0.3478, 0.3658
+# Hoffmann et al. 2022 ("Chinchilla"), approach 3: L = E + A / N^alpha + B / D^beta. Measured here at 90 s
+# on a CPU (bench/results/quality.md): depth 1 / 2 / 3 reached 2.29 / 2.16 / 2.31 bits per byte; these
+# constants rank them the same way, while the replication's (Besiroglu et al. 2024: 1.82, 482, 2085,
+# 0.348, 0.366) weighs data more and picks depth 1.
+LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock trades size for speed
 # vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two
 VOCAB_ANCHOR, VOCAB_ANCHOR_NNV = 2048, 426_000
 MIN_VOCAB, MAX_VOCAB = 512, 65536
 # batch tokens = BATCH_K x C^0.3271 and lr = LR_K x C^-0.125 (DeepSeek's exponents; C in FLOPs)
 BATCH_K, BATCH_EXP = 0.125, 0.3271
-LR_K, LR_EXP = 0.165, -0.125
+LR_K, LR_EXP = 0.165, -0.125  # AdamW
+MUON_LR_K = 0.62  # Muon (RMS-matched): 1.6e-2 at 90 s on a CPU, where 8e-3 and 3.2e-2 did worse without QK-norm
 CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy without swapping
 GPU_MICRO_TOKENS = 16384
 MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
 ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
-# the architecture and optimizer measured best at equal wall clock (bench/results/quality.md)
-DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": False, "tie_embeddings": True}
-DEFAULT_OPTIMIZER = "adamw"
+# the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md)
+DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
+DEFAULT_OPTIMIZER = "muon"
 WARMUP = 0.02
-
-# the keys the planner may choose; any the user sets wins
-MODEL_KEYS = ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)
-TRAIN_KEYS = ("batch_tokens", "lr", "warmup", "schedule", "min_lr_ratio", "optimizer", "precision")
+EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
+EVAL_TOKENS_SHORT = 32768  # held-out tokens per evaluation for runs of under 20M tokens
 
 
 @dataclass
@@ -160,8 +162,8 @@ def batch_rule(compute: float, seq_len: int) -> int:
     return max(seq_len, tokens // seq_len * seq_len)
 
 
-def lr_rule(compute: float) -> float:
-    return float(f"{LR_K * compute**LR_EXP:.2g}")
+def lr_rule(compute: float, optimizer: str = "adamw") -> float:
+    return float(f"{(MUON_LR_K if optimizer == 'muon' else LR_K) * compute**LR_EXP:.2g}")
 
 
 def predicted_loss(params: float, tokens: float) -> float:
@@ -263,9 +265,10 @@ class Planner:
 
     def speed(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> tuple[float, str, dict]:
         """(tokens/s, precision, every precision's tokens/s). With precision "auto" on a CPU both fp32
-        and bf16 autocast are timed and the faster wins, by more than 5% for bf16 since it changes the
-        numerics: at small widths the step is bound by per-operation overhead and bf16 only adds casts,
-        at larger ones CPUs with bf16 matrix units (AVX-512 BF16, AMX) run it several times faster."""
+        and bf16 autocast are timed and the faster wins, bf16 only by more than 5% since it changes the
+        numerics. Which one wins depends on the CPU: with bf16 matrix units (AVX-512 BF16, AMX) bf16
+        made 1.4x the tokens of fp32 already at 0.7M parameters on this project's EPYC; without them
+        autocast only adds casts."""
         if precision != "auto" or self.device_type == "cuda" or not self.measured:
             p = precision if precision != "auto" else "bf16"
             tps = self.tokens_per_s(cfg, micro, p, optimizer)
@@ -344,7 +347,7 @@ def make_plan(
         fixed_model.update({k: v for k, v in shape(depth).items() if k not in fixed_model})
 
     if budget.kind == "time":
-        seconds = budget.limit * (1 - reserve)
+        seconds = budget.limit * (1 - reserve - EVAL_SHARE)
         cands = planner.search(seconds, fixed_model, arch, precision, optimizer)
         best = min(cands, key=lambda c: c.loss)
         why = (
@@ -370,7 +373,7 @@ def make_plan(
     model = best.model
     compute = best.flops_per_token * best.tokens
     batch = fixed_train.get("batch_tokens") or batch_rule(compute, model.seq_len)
-    lr = fixed_train.get("lr") or lr_rule(compute)
+    lr = fixed_train.get("lr") or lr_rule(compute, optimizer)
     micro = micro_batch_for(max(1, batch // model.seq_len), model.seq_len, planner.device_type)
     prec_guess = precision if precision != "auto" else "bf16"
     while micro > 1 and not planner.fits(model, micro, prec_guess, optimizer):
@@ -385,7 +388,7 @@ def make_plan(
         measured = ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in speeds.items())
         rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
         reasons.append(Reason("train.precision", run_precision, rule))
-    tokens = tps * budget.limit * (1 - reserve) if budget.kind == "time" else best.tokens
+    tokens = tps * budget.limit * (1 - reserve - EVAL_SHARE) if budget.kind == "time" else best.tokens
 
     for key in ("n_layer", "n_embd", "n_head"):
         if key not in fixed_model:
@@ -403,21 +406,27 @@ def make_plan(
         rule = f"{BATCH_K} x C^{BATCH_EXP} tokens for C = {compute:.2g} FLOPs (DeepSeek-AI 2024 exponent, constant fit here)"
         reasons.append(Reason("train.batch_tokens", batch, rule))
     if "lr" not in fixed_train:
-        rule = f"{LR_K} x C^{LR_EXP} (DeepSeek-AI 2024 exponent, constant fit here; 6e-4 at a GPU day as GPT-2 small)"
+        k = MUON_LR_K if optimizer == "muon" else LR_K
+        rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
+    eval_tokens = fixed_train.get("eval_tokens", EVAL_TOKENS_SHORT if tokens < 20e6 else TrainConfig().eval_tokens)
+    # a forward pass costs about a third of a training step: evaluate as often as EVAL_SHARE of the budget allows
+    n_evals = max(2, min(10, int(EVAL_SHARE * 3 * tokens / max(eval_tokens, 1)))) if tps > 0 else 10
     for key, value, rule in (
         ("schedule", "linear", "linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et al. 2025)"),
         ("min_lr_ratio", 0.0, "decay to zero"),
         ("warmup", WARMUP, "a short warm-up, as a fraction of the budget"),
+        ("eval_tokens", eval_tokens, "held-out tokens per evaluation"),
+        ("eval_every", round(1 / n_evals, 3), f"{n_evals} evaluations: the clock counts them, so they take about {EVAL_SHARE:.0%} of the budget"),
     ):
         train[key] = fixed_train.get(key, value)
         if key not in fixed_train:
             reasons.append(Reason(f"train.{key}", value, rule))
     if "optimizer" not in fixed_train:
-        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/quality.md)"))
+        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
     for key, value in arch.items():
-        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/quality.md)"))
+        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
     train = {**train, **fixed_train}
 
     peak = None

@@ -256,6 +256,9 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
         fixed_model["vocab_size"] = data.vocab_size
     if "model.vocab_size" in user_keys:
         fixed_model["vocab_size"] = cfg.model.vocab_size
+    par = cfg.parallel
+    if par.tp > 1 or par.pp > 1 or par.fsdp_cpu_offload or par.dp_shard > 1 or (par.dp_shard == -1 and dist.world_size > 1):
+        fixed_train.setdefault("optimizer", "adamw")  # Muon orthogonalises whole matrices; sharded layouts keep AdamW
     plan = None
     if dist.rank == 0:
         print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")

@@ -5,7 +5,7 @@ budget. FLOP counts alone mislead at the sizes a short budget calls for: a 0.5M-
 model on a CPU spends most of its step in per-operation overhead, not in matrix units, so a
 model half the size is far less than twice as fast. So we time it: a few real optimizer steps
 (forward, backward, clipping, optimizer) of the candidate at its micro-batch, on random tokens,
-after two warm-up steps, keeping the fastest of three.
+after two warm-up steps, keeping the median of three.
 
 Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
 device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from budgetlm.config import ModelConfig, TrainConfig
 from budgetlm.files import write_json
 
 CACHE_FILE = "speed.json"
-METHOD = 2  # part of the cache key: a change in how steps are timed invalidates old timings
+METHOD = 3  # part of the cache key: a change in how steps are timed invalidates old timings
 WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
-TIMED_STEPS = 3  # the fastest is kept: noise on a shared machine only ever slows a step down
+TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
 
 
 def cache_path() -> Path:
@@ -135,7 +136,7 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-        return min(times[WARMUP_STEPS:])
+        return statistics.median(times[WARMUP_STEPS:])
     finally:
         torch.set_rng_state(rng_state)
         if device.type == "cuda":

