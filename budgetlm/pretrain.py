@@ -466,9 +466,12 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        return _pretrain(cfg, run_dir, resume, dist, user_keys)
-    finally:
-        cleanup()
+        summary = _pretrain(cfg, run_dir, resume, dist, user_keys)
+    except BaseException:
+        cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier to hang on
+        raise
+    cleanup()
+    return summary
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:

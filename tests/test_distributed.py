@@ -165,3 +165,5 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
     refused("parallel.pp=2", match="tie_embeddings=false")
     refused("parallel.pp=8", "model.tie_embeddings=false", match="at least as many layers")
     refused("parallel.dp_shard=-1", "parallel.ddp_comm_hook=powersgd", match="DDP only")
+    if not torch.cuda.is_available():
+        refused("parallel.fsdp_cpu_offload=true", match="needs a CUDA GPU")

@@ -199,8 +199,8 @@ def test_bad_input_gives_one_line_and_exit_2(prepared_bpe, tmp_path, capsys):
     fails(tiny_args(prepared_bpe, tmp_path / "r5", "steps:2", "model.vocab_size=1000"), "must have 259..512 tokens")
     fails(["pretrain", "--resume", str(tmp_path / "missing")], "not a budgetlm run directory")
     fails(["pretrain", "--resume", str(tmp_path / "missing"), "--set", "train.lr=1"], "--resume continues a run with its own config")
-    fails(tiny_args(prepared_bpe, tmp_path / "r5", "steps:2", "train.warmup=1.0"), "train.warmup")
-    fails(tiny_args(prepared_bpe, tmp_path / "r6", "steps:2", "train.min_lr_ratio=2"), "train.min_lr_ratio")
-    fails(tiny_args(prepared_bpe, tmp_path / "r7", "steps:2", "parallel.tp=2"), "parallel degrees dp_replicate=? x dp_shard=1 x tp=2 x pp=1")
-    for bad in ("r5", "r6", "r7"):
+    fails(tiny_args(prepared_bpe, tmp_path / "r8", "steps:2", "train.warmup=1.0"), "train.warmup")
+    fails(tiny_args(prepared_bpe, tmp_path / "r9", "steps:2", "train.min_lr_ratio=2"), "train.min_lr_ratio")
+    fails(tiny_args(prepared_bpe, tmp_path / "r10", "steps:2", "parallel.tp=2"), "parallel degrees dp_replicate=? x dp_shard=1 x tp=2 x pp=1")
+    for bad in ("r8", "r9", "r10"):
         assert not (tmp_path / bad).exists(), f"{bad}: nothing may be written before the settings are checked"

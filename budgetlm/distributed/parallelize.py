@@ -57,6 +57,8 @@ def check_parallel_config(cfg) -> None:
             raise UserError(f"parallel.pp={p.pp} stages need at least as many layers (model.n_layer={m.n_layer})")
     if p.ddp_comm_hook != "none" and (p.dp_shard != 1 or p.tp > 1 or p.pp > 1):
         raise UserError("parallel.ddp_comm_hook applies to DDP only (parallel.dp_shard=1, parallel.tp=1, parallel.pp=1)")
+    if p.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise UserError("parallel.fsdp_cpu_offload needs a CUDA GPU (FSDP2 moves each block from CPU memory to the GPU as it runs)")
     if p.ddp_comm_hook in ("bf16", "fp16") and not torch.cuda.is_available():
         raise UserError(f"parallel.ddp_comm_hook={p.ddp_comm_hook} needs NCCL on CUDA GPUs (gloo has no compressed all-reduce hook)")
     if cfg.train.precision == "fp16" and (p.dp_shard != 1 or p.tp > 1 or p.fsdp_cpu_offload):

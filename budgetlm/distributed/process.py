@@ -166,8 +166,12 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def cleanup() -> None:
+def cleanup(barrier: bool = True) -> None:
     """Leave the process group (at the end of a run, on every rank), after dropping the model.
+
+    `barrier=False` on the way out of an exception: the other ranks may be waiting in some other
+    collective, and a barrier would then hang until the group's timeout instead of letting
+    torchrun stop the job.
 
     Every rank first passes a barrier, so no rank tears its group down while a peer's last
     collective is still in flight. Each gloo collective's work object is released on a gloo worker
@@ -178,7 +182,7 @@ def cleanup() -> None:
     DDP/FSDP reference cycles that keep the group alive, so destroy_process_group joins the workers.
     """
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if barrier and dist.get_world_size() > 1:
             dist.barrier()
         gc.collect()
         dist.destroy_process_group()
