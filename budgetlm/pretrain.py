@@ -96,7 +96,8 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError(f"train.mlm_rate={t.mlm_rate} must be in (0, 1)")
     if not 0 <= cfg.budget.reserve < 0.5:
         raise UserError(f"budget.reserve={cfg.budget.reserve} must be in [0, 0.5)")
-    check_parallel_config(cfg)
+    if not cfg.auto:  # with auto the plan may still change the model (e.g. untie the head for a pipeline): checked in setup
+        check_parallel_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +260,8 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
     par = cfg.parallel
     if par.tp > 1 or par.pp > 1 or par.fsdp_cpu_offload or par.dp_shard > 1 or (par.dp_shard == -1 and dist.world_size > 1):
         fixed_train.setdefault("optimizer", "adamw")  # Muon orthogonalises whole matrices; sharded layouts keep AdamW
+    if par.tp > 1:
+        fixed_model.setdefault("qk_norm", False)  # tensor parallelism does not shard the per-head norms yet
     plan = None
     if dist.rank == 0:
         print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")

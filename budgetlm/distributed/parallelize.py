@@ -46,6 +46,8 @@ def check_parallel_config(cfg) -> None:
         n_kv = m.n_kv_head or m.n_head
         if m.n_head % p.tp or n_kv % p.tp:
             raise UserError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the key/value heads ({n_kv})")
+        if m.qk_norm:
+            raise UserError("parallel.tp > 1 does not support model.qk_norm=true yet (the per-head norms are not sharded)")
         if p.sequence_parallel and m.seq_len % p.tp:
             raise UserError(f"parallel.sequence_parallel needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}")
     if p.pp > 1:
