@@ -43,6 +43,7 @@ GPU_MEMORY = {
 
 
 def _lookup(table: dict, name: str):
+    """The entry whose key appears in the device name, the longest key first ("H100 NVL" before "H100")."""
     for key in sorted(table, key=len, reverse=True):
         if key.lower() in name.lower():
             return table[key]
@@ -65,10 +66,7 @@ def device_memory(device) -> float:
 
 def gpu_peak_flops(name: str) -> float | None:
     """The table entry whose key appears in the device name (longest key first)."""
-    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
-        if key.lower() in name.lower():
-            return GPU_PEAK_BF16[key]
-    return None
+    return _lookup(GPU_PEAK_BF16, name)
 
 
 _CPU_PEAK: dict[str, float] = {}

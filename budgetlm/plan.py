@@ -39,7 +39,8 @@ import torch
 from budgetlm.budget import Budget, parse_budget
 from budgetlm.config import ModelConfig, RunConfig, TrainConfig
 from budgetlm.errors import UserError
-from budgetlm.model import ffn_hidden_size, padded_vocab_size
+from budgetlm.memory import count_params
+from budgetlm.model import padded_vocab_size
 
 ASPECT = 64  # width per layer: nanochat's model_dim = 64 x depth
 HEAD_DIM = 64
@@ -133,17 +134,12 @@ def shape(depth: int) -> dict:
 
 def non_embedding_params(cfg: ModelConfig) -> int:
     """Block parameters (attention, feed-forward, norms) and the final norm: what the vocabulary rule scales with."""
-    d, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
-    kv = (cfg.n_kv_head or cfg.n_head) * hs
-    gated = cfg.mlp in ("swiglu", "geglu")
-    ffn = (3 if gated else 2) * d * ffn_hidden_size(cfg)
-    attn = 2 * d * d + 2 * d * kv + (2 * hs if cfg.qk_norm else 0)
-    return cfg.n_layer * (attn + ffn + 2 * d) + d
+    count = count_params(cfg)
+    return count.blocks + count.other
 
 
 def total_params(cfg: ModelConfig) -> int:
-    emb = padded_vocab_size(cfg.vocab_size) * cfg.n_embd
-    return non_embedding_params(cfg) + emb * (1 if cfg.tie_embeddings else 2)
+    return count_params(cfg).total
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -283,10 +279,11 @@ class Planner:
         depths = [fixed["n_layer"]] if "n_layer" in fixed else range(1, MAX_DEPTH + 1)
         for depth in depths:
             cfg = self.candidate_model(depth, fixed, arch)
-            if "n_layer" not in fixed and not self.fits(cfg, 1, "bf16" if precision == "auto" else precision, optimizer, "full"):
+            fits = self.fits(cfg, 1, "bf16" if precision == "auto" else precision, optimizer, "full")
+            if not fits and "n_layer" not in fixed:
                 self.log(f"  depth {depth:2d}: does not fit in {self.memory / 1e9:.0f} GB even with activation checkpointing")
                 break
-            tps, _, _ = self.speed(cfg, self.probe_micro(cfg), precision, optimizer) if self.fits(cfg, 1, "bf16", optimizer, "full") else (0, "", {})
+            tps = self.speed(cfg, self.probe_micro(cfg), precision, optimizer)[0] if fits else 0.0
             if tps <= 0 and "n_layer" in fixed:  # the size asked for does not fit one device: estimate its speed
                 tps = self.world_size * (peak_of(self) or 0) * ASSUMED_GPU_MFU / flops_per_token(cfg)
             if tps <= 0:
@@ -305,12 +302,13 @@ class Planner:
         return out
 
 
-def peak_of(planner: Planner) -> float | None:
+def peak_of(planner: Planner, precision: str = "bf16") -> float | None:
+    """The device's peak FLOP/s: the datasheet's for a GPU that is not here, else measured in `precision`."""
     from budgetlm.hardware import gpu_peak_flops, peak_flops
 
     if planner.device is None:
         return gpu_peak_flops(planner.gpu_name)
-    return peak_flops(planner.device, torch.bfloat16)[0]
+    return peak_flops(planner.device, torch.bfloat16 if precision == "bf16" else torch.float32)[0]
 
 
 def user_fixed(cfg: RunConfig, user_keys: set[str]) -> tuple[dict, dict]:
@@ -358,11 +356,11 @@ def make_plan(
     else:
         cands = []
         depths = [fixed_model["n_layer"]] if "n_layer" in fixed_model else range(1, MAX_DEPTH + 1)
+        models = [planner.candidate_model(d, fixed_model, arch) for d in depths]
         tokens, best_batch = budget.limit, fixed_train.get("batch_tokens", 2048)
         for _ in range(4):  # steps budgets: tokens depend on the batch, which depends on the model
             if budget.kind == "steps":
                 tokens = budget.limit * best_batch
-            models = [planner.candidate_model(d, fixed_model, arch) for d in depths]
             best_model = min(models, key=lambda m: abs(math.log(tokens / total_params(m) / CHINCHILLA_TOKENS_PER_PARAM)))
             n = total_params(best_model)
             best = Candidate(best_model.n_layer, best_model, n, flops_per_token(best_model), 0.0, tokens, predicted_loss(n, tokens))
@@ -429,15 +427,7 @@ def make_plan(
         reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
     train = {**train, **fixed_train}
 
-    peak = None
-    if planner.device_type == "cuda" and not planner.measured:
-        from budgetlm.hardware import gpu_peak_flops
-
-        peak = gpu_peak_flops(planner.gpu_name)
-    elif planner.measured:
-        from budgetlm.hardware import peak_flops
-
-        peak = peak_flops(planner.device, {"bf16": torch.bfloat16}.get(run_precision, torch.float32))[0]
+    peak = peak_of(planner, run_precision)
     model_keys = {k: getattr(model, k) for k in ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)}
     memory = memory_table(model, micro, run_precision, optimizer, planner)
     return Plan(

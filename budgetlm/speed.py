@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -36,8 +35,9 @@ TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("BUDGETLM_CACHE") or Path.home() / ".cache" / "budgetlm").expanduser()
-    return root / CACHE_FILE
+    from budgetlm.data.fetch import cache_dir
+
+    return cache_dir() / CACHE_FILE
 
 
 def device_name(device: torch.device) -> str:
