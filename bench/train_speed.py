@@ -6,7 +6,7 @@ through budgetlm.hf_names, and checked to give the same logits). One timed step 
 backward + optimizer step + zero_grad. Hugging Face computes its loss the way its users call it,
 `model(input_ids=x, labels=x)` (it shifts internally); budgetlm gets the shifted window.
 
-Honest timing (DESIGN.md section 5): warm-up steps (and torch.compile's compilation) are untimed
+Honest timing: warm-up steps (and torch.compile's compilation) are untimed
 but reported; the variants are interleaved step by step through every repeat so a noisy
 neighbour slows all of them alike; we report the median and the best wall time per step and the
 median process CPU time per step (CPU time barely moves when other processes share the cores,

@@ -1,6 +1,6 @@
 """The `budgetlm` program: parses arguments and hands each verb to its module.
 
-Arguments live here (they are the public contract, DESIGN.md section 1); the work lives in the
+Arguments live here (they are the public contract); the work lives in the
 modules, imported only when their verb runs so `budgetlm --help` stays fast. Errors a user can
 fix (`UserError`) print one line and exit 2; anything else is a bug and keeps its traceback.
 """

@@ -7,7 +7,7 @@ positions only, following Cramming (Geiping & Goldstein 2022): gated GELU, pre-n
 no biases, and "sparse prediction" -- only the masked positions go through the final norm and
 the output projection, so no compute is spent predicting the ~85% of tokens that carry no loss.
 
-Rules (DESIGN.md section 2, torchtitan): the model knows nothing about ranks, logging, files or
+Rules (as in torchtitan): the model knows nothing about ranks, logging, files or
 the CLI; it is built on the `meta` device and materialised by `init_weights()`; parameter names
 follow Llama/torchtitan (`tok_embeddings`, `layers.{i}.attention.wq`, ...), so the Hugging Face
 export is the short name map in `budgetlm/hf_names.py`; layers sit in an `nn.ModuleDict` keyed

