@@ -53,6 +53,12 @@ class ModelConfig:
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
     embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
+    attention: str = opt(
+        "auto",
+        "attention kernel: sdpa (PyTorch's fused kernels), explicit (matmul, softmax, matmul: faster on CPUs for short contexts), "
+        "auto (explicit on CPU up to 512 keys, sdpa otherwise); the same math either way",
+        ("auto", "sdpa", "explicit"),
+    )
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from budgetlm.config import TrainConfig
 from budgetlm.errors import UserError
+from budgetlm.muon import Muon
 
 SCHEDULES = ("one-cycle", "linear", "wsd", "cosine", "constant")
 
@@ -121,10 +122,8 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
     semi-orthogonal matrix (5 Newton-Schulz iterations). Its update is scaled to match AdamW's
     RMS (0.2 sqrt(max(fan_in, fan_out)); Liu et al. 2025, "Muon is Scalable for LLM Training"),
     so both groups share one learning rate and one weight decay, and the rules that set AdamW's
-    rate set this one. `torch.optim.Muon` (PyTorch >= 2.9) does the update.
+    rate set this one. `budgetlm.muon.Muon` does the update: `torch.optim.Muon`'s, batched by shape.
     """
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"train.optimizer=muon needs PyTorch >= 2.9 (this is {torch.__version__}); use train.optimizer=adamw")
     hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
     if any(hasattr(p, "device_mesh") for p in hidden):
         raise UserError("train.optimizer=muon needs whole matrices on each rank; with FSDP2 or tensor parallelism use train.optimizer=adamw")
@@ -136,7 +135,7 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
         optimizers.append(_adamw(rest, cfg, device_type))
     if hidden:
         optimizers.append(
-            torch.optim.Muon(
+            Muon(
                 hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
             )
         )
