@@ -223,6 +223,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config key '{key}': expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads `compile: true` and `--set train.compile=false` as booleans
+            return "true" if value else "false"
         return "" if value is None else str(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key + ".")

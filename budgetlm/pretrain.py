@@ -519,6 +519,7 @@ def fit(t: Trainer) -> None:
     cfg, state, clock = t.cfg, t.state, t.clock
     flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    loss_fn = torch.compile(_loss) if t.par.compiled == "model+loss" else _loss  # compiles on the first step, on the clock
     clock.start()
     last_ckpt = time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
@@ -531,7 +532,7 @@ def fit(t: Trainer) -> None:
             set_lr(t.optimizer, lr)
             accum = max(1, batch_size_at(progress, cfg.train, t.per_replica_seqs, t.micro) // t.micro)
             result = train_step(
-                t.par.train_model, t.optimizer, t.batches.take(accum), _loss, n_micro=accum, params=params,
+                t.par.train_model, t.optimizer, t.batches.take(accum), loss_fn, n_micro=accum, params=params,
                 autocast=t.precision.autocast, scaler=t.scaler, grad_clip=cfg.train.grad_clip, loss_parallel=t.par.loss_parallel,
             )  # fmt: skip
             if not result.stepped:

@@ -33,7 +33,7 @@ class Parallelized:
 
     train_model: nn.Module  # call this (maybe compiled / DDP-wrapped)
     model: nn.Module  # the bare Transformer (parameters may be DTensor shards)
-    compiled: str  # "", "whole" or "blocks"
+    compiled: str  # "", "whole" (the model), "blocks" (each block) or "model+loss" (the caller compiles its loss function)
     loss_parallel: bool  # the loss must run under torch.distributed.tensor.parallel.loss_parallel()
 
 
@@ -105,7 +105,12 @@ def parallelize(
         apply_fsdp(model, dp_mesh, param_dtype=param_dtype, reshard_after_forward=p.reshard_after_forward, cpu_offload=p.fsdp_cpu_offload)
     model.materialize("cpu" if p.fsdp_cpu_offload else device, seed)
     train_model = model
-    if compiled == "whole":
+    if compiled == "whole" and not dims.ddp:
+        # one graph for the model and its loss, compiled by the caller around its loss function: the
+        # cross-entropy over the vocabulary fuses with the output projection. On one CPU core at
+        # 2 x 128 that made the whole step 1.65x faster, against 1.44x for the model alone.
+        compiled = "model+loss"
+    elif compiled == "whole":
         train_model = torch.compile(model)
     if dims.ddp:  # DDP is only chosen without tensor or pipeline parallel or sharding: every rank a replica
         train_model = apply_ddp(train_model, device, comm_hook=p.ddp_comm_hook)
