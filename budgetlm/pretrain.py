@@ -46,7 +46,7 @@ from budgetlm.distributed import (
     parallelize,
     print0,
 )
-from budgetlm.distributed.pipeline import make_stage, stage_layers
+from budgetlm.distributed.pipeline import build_pipeline, make_stage, merge_stages, stage_ids, stage_layers
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
@@ -304,15 +304,21 @@ def build_model(cfg: RunConfig, dims: ParallelDims, dist: DistInfo, precision: P
     mesh = build_mesh(dims, device)
     torch.manual_seed(cfg.train.seed)
     seed = int(torch.randint(0, 2**62, ()))  # the same initialisation on every rank, stage and layout
-    model = Transformer.on_meta(cfg.model)
-    if dims.pp_enabled:  # this rank's pipeline stage: the same model with the other stages' parts deleted
-        m = cfg.model
-        stage = dims.coords(dist.rank)["pp"]
-        layers = stage_layers(m.n_layer, m.n_embd, full.padded_vocab_size, dims.pp)[stage]
-        make_stage(model, layers, first=stage == 0, last=stage == dims.pp - 1)
     param_dtype = precision.dtype if precision.name == "bf16" else None
-    par = parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed)
-    return full, par
+    if not dims.pp_enabled:
+        model = Transformer.on_meta(cfg.model)
+        return full, parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed)
+    # this rank's pipeline stages: each the same model with the other stages' parts deleted, parallelised on its own
+    m, p = cfg.model, cfg.parallel
+    stages, n_stages = stage_ids(dims.coords(dist.rank)["pp"], dims.pp, p.pp_schedule, p.pp_virtual_stages)
+    layers = stage_layers(m.n_layer, m.n_embd, full.padded_vocab_size, n_stages)
+    parts = []
+    for s in stages:
+        model = make_stage(Transformer.on_meta(m), layers[s], first=s == 0, last=s == n_stages - 1)
+        parts.append(parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed))
+    pipe = build_pipeline([q.train_model for q in parts], stages=stages, n_stages=n_stages, pp_mesh=mesh["pp"], device=device,
+                          schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp)  # fmt: skip
+    return full, Parallelized(pipe, merge_stages([q.model for q in parts]), parts[0].compiled, loss_parallel=False)
 
 
 @dataclass
