@@ -606,7 +606,7 @@ def _load_dcp(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if err:
         raise UserError(err)
     try:
-        dcp.load(state, checkpoint_id=str(d))
+        dcp.load(state, checkpoint_id=str(d), no_dist=not torch.distributed.is_initialized())  # (one process: said, not warned)
     except Exception as e:  # damaged shard files; DCP reports every rank's failure at once
         raise UserError(f"checkpoint {d} could not be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     set_model_state_dict(model, state["model"])
