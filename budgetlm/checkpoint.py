@@ -53,6 +53,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -606,7 +607,9 @@ def _load_dcp(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if err:
         raise UserError(err)
     try:
-        dcp.load(state, checkpoint_id=str(d), no_dist=not torch.distributed.is_initialized())  # (one process: said, not warned)
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a slip
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(d), no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # damaged shard files; DCP reports every rank's failure at once
         raise UserError(f"checkpoint {d} could not be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     set_model_state_dict(model, state["model"])

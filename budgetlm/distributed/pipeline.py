@@ -154,7 +154,8 @@ def check_schedule(schedule: str, pp: int, n_microbatches: int) -> None:
     rounds = max(1, n_microbatches // pp)
     if schedule == "Interleaved1F1B" and n_microbatches % rounds:
         raise UserError(
-            f"parallel.pp_schedule=Interleaved1F1B needs parallel.pp_microbatches ({n_microbatches}) below parallel.pp={pp} or a multiple of it"
+            f"parallel.pp_schedule=Interleaved1F1B needs parallel.pp_microbatches={n_microbatches} divisible by its rounds, "
+            f"max(1, pp_microbatches // parallel.pp) = {rounds}"
         )
 
 
