@@ -597,11 +597,17 @@ def _load_dcp(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         saved = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
     except Exception as e:  # a truncated or foreign .metadata
         err = f"checkpoint {d}: {DCP_METADATA} is unreadable ({type(e).__name__})"
-    state = {"model": get_model_state_dict(model)}
+    state, unsaved = {"model": get_model_state_dict(model)}, {}
     err = err or _check_saved(saved, state["model"], "model.", d)
     with_optimizer = optimizer is not None and any(k.startswith("optimizer.") for k in saved)
     if with_optimizer and err is None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_dcp_options())  # templates: allocates the state
+        if not optimizer.state:  # the template allocates the state with a zero step, which DSD skips while gradients exist
+            optimizer.zero_grad(set_to_none=True)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_dcp_options())
+        # a group setting this torch has and the writer's did not (torch adds them across versions) keeps its value here
+        unsaved = {k: v for k, v in state["optimizer"].items() if k.startswith("param_groups.") and "optimizer." + k not in saved}
+        for k in unsaved:
+            del state["optimizer"][k]
         err = _check_saved(saved, state["optimizer"], "optimizer.", d)
     err = _first_error(err)
     if err:
@@ -614,7 +620,7 @@ def _load_dcp(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         raise UserError(f"checkpoint {d} could not be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     set_model_state_dict(model, state["model"])
     if with_optimizer:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_dcp_options())
+        set_optimizer_state_dict(model, optimizer, {**state["optimizer"], **unsaved}, options=_dcp_options())
     elif optimizer is not None:  # saved before the first step: a fresh optimizer
         optimizer.state.clear()
 

@@ -249,3 +249,30 @@ def test_sharded_checkpoint_loads_on_one_process(runs, tmp_path):
     assert loop["loop"]["step"] == 4 and loop["layout"]["tp"] == 2 and loop["layout"]["world_size"] == 4
     assert all(int(s["step"]) == 4 for s in opt.state_dict()["state"].values())
     assert torch.isfinite(next(iter(opt.state.values()))["exp_avg"]).all()
+
+
+def test_sharded_checkpoint_without_a_newer_group_setting_loads(runs, tmp_path):
+    """torch adds optimizer settings across versions (the GPU machines run another torch than this
+    one): a setting the writer's torch lacked keeps this optimizer's value; the state itself loads."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from budgetlm import checkpoint as C
+    from budgetlm.config import TrainConfig
+    from budgetlm.optim import build_optimizer
+
+    d = tmp_path / "checkpoint"
+    shutil.copytree(runs["fsdp"] / "checkpoint", d)
+    meta = FileSystemReader(str(d)).read_metadata()
+    dropped = [k for k in meta.state_dict_metadata if k.startswith("optimizer.param_groups.") and k.endswith(".maximize")]
+    assert dropped
+    for k in dropped:
+        del meta.state_dict_metadata[k]
+    (d / ".metadata").write_bytes(pickle.dumps(meta))
+    run = load_run(runs["fsdp"])
+    opt = build_optimizer(run.model, TrainConfig(optimizer="adamw"), "cpu")
+    C.load_checkpoint(d, run.model, opt, restore_rng=False)
+    state = opt.state_dict()
+    assert len(state["state"]) == len(list(run.model.parameters())) and all(int(s["step"]) == 4 for s in state["state"].values())
+    assert all(g["maximize"] is False for g in state["param_groups"])
