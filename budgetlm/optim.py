@@ -193,17 +193,14 @@ class HybridOptimizer(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
-        start, offset = 0, 0
+        start = 0
         for o in self.optimizers:
-            n_groups, n_params = len(o.param_groups), sum(len(g["params"]) for g in o.param_groups)
-            mine = groups[start : start + n_groups]
-            o.load_state_dict(
-                {
-                    "state": {i - offset: s for i, s in state_dict["state"].items() if offset <= i < offset + n_params},
-                    "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine],
-                }
-            )
-            start, offset = start + n_groups, offset + n_params
+            # a child maps the saved ids (indices, or names from torch.distributed.checkpoint.state_dict)
+            # to its parameters by their position in its groups, so its share of ids is all it needs
+            mine = groups[start : start + len(o.param_groups)]
+            ids = {i for g in mine for i in g["params"]}
+            o.load_state_dict({"state": {i: s for i, s in state_dict["state"].items() if i in ids}, "param_groups": mine})
+            start += len(o.param_groups)
 
     def __repr__(self) -> str:
         return f"HybridOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"

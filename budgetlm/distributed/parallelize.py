@@ -55,8 +55,10 @@ def check_parallel_config(cfg) -> None:
             raise UserError("parallel.pp > 1 needs model.tie_embeddings=false (the first and last stages cannot share one matrix)")
         if m.objective != "causal":
             raise UserError("parallel.pp > 1 supports model.objective=causal only")
-        if m.n_layer < p.pp:
-            raise UserError(f"parallel.pp={p.pp} stages need at least as many layers (model.n_layer={m.n_layer})")
+        per_rank = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
+        if m.n_layer < p.pp * per_rank:
+            what = f"parallel.pp={p.pp} x parallel.pp_virtual_stages={per_rank}" if per_rank > 1 else f"parallel.pp={p.pp}"
+            raise UserError(f"{what} stages need at least as many layers (model.n_layer={m.n_layer})")
     if p.ddp_comm_hook != "none" and (p.dp_shard != 1 or p.tp > 1 or p.pp > 1):
         raise UserError("parallel.ddp_comm_hook applies to DDP only (parallel.dp_shard=1, parallel.tp=1, parallel.pp=1)")
     if p.fsdp_cpu_offload and not torch.cuda.is_available():
@@ -85,9 +87,10 @@ def _compile_plan(dims: ParallelDims, cfg, compile_on: bool) -> str:
 def parallelize(
     model: nn.Module, dims: ParallelDims, cfg, mesh, device: torch.device, *, compile_on: bool, param_dtype=None, seed: int | None = None
 ) -> Parallelized:
-    """Apply cfg.parallel to `model` (a Transformer, or its pipeline stage, on `meta`), allocate and
+    """Apply cfg.parallel to `model` (a Transformer, or one pipeline stage, on `meta`), allocate and
     initialise it on `device` (from `seed`, else one draw of torch's global generator), and return
-    what to train: the model, or a `Pipeline` around this rank's stage."""
+    what to train. A pipeline's schedule goes around the parallelised stages
+    (`budgetlm.distributed.pipeline.build_pipeline`)."""
     p = cfg.parallel
     # between pipeline stages activations travel whole: no sequence-sharded hand-over, no sharded logits
     sequence_parallel = p.sequence_parallel and not dims.pp_enabled
@@ -114,12 +117,6 @@ def parallelize(
         train_model = torch.compile(model)
     if dims.ddp:  # DDP is only chosen without tensor or pipeline parallel or sharding: every rank a replica
         train_model = apply_ddp(train_model, device, comm_hook=p.ddp_comm_hook)
-    if dims.pp_enabled:
-        from budgetlm.distributed.pipeline import build_pipeline
-
-        stage = dims.coords(torch.distributed.get_rank())["pp"]
-        train_model = build_pipeline(model, train_model, stage=stage, n_stages=dims.pp, pp_mesh=mesh["pp"], device=device,
-                                     schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp)  # fmt: skip
     return Parallelized(train_model, model, compiled, loss_parallel=dims.tp_enabled and loss_parallel)
 
 
