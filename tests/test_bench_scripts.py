@@ -31,3 +31,23 @@ def test_scaling_bench_measures_ddp_bytes(tmp_path):
     assert row["ops_max_rank"]["allreduce_"]["calls"] >= 1
     assert abs(row["ratio_max_rank"] - 1.0) < 0.01, row["analytic_sent_bytes"]
     assert "| DDP x2 | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_savers_bench_worker_runs_in_process():
+    """bench/savers.py's worker trains a tiny model with selective checkpointing (in this process:
+    no launch), and without a GPU it records FSDP2 CPU offload's one-line refusal."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("savers", ROOT / "bench" / "savers.py")
+    savers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(savers)
+    threads = torch.get_num_threads()
+    try:
+        got = savers.worker({"part": "time", "model": savers.SMOKE_MODEL, "micro": 2, "ckpt": "selective", "steps": 1, "warmup": 0})
+        assert len(got["times"]) == 1 and got["times"][0] > 0
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in savers.offload_refusal()
