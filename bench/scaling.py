@@ -171,6 +171,7 @@ def ring_sent(kind: str, payload: int, n: int, rank_is_root: bool = False) -> fl
 
 def comm_counter():
     """A dispatch mode recording (op, kind, payload bytes, group size) of every collective it sees."""
+    from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
 
     ops = _collective_ops()
@@ -181,6 +182,10 @@ def comm_counter():
             self.calls: list[dict] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                # let DTensor turn the op into plain ones first: the collectives it issues while doing so
+                # (implicit redistributions, loss parallel's reductions) then come back here (as CommDebugMode does)
+                return NotImplemented
             kwargs = kwargs or {}
             hit = ops.get(func) or ops.get(getattr(func, "overloadpacket", None))
             if hit is not None:
@@ -403,7 +408,7 @@ def markdown(result: dict) -> str:
         "",
         f"- device: {env['device']}",
         f"- torch {env['torch']}, python {env['python']}, backend gloo",
-        f"- command: `{result['command']}`",
+        "- commands (timed): " + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", result["command"]) for r in rows)),
         f"- date: {result['date']}",
         f"- model: {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads, context {m.seq_len}, vocabulary {m.vocab_size}, untied, "
         f"no QK-norm: {pc.total / 1e6:.2f}M parameters ({mib(4 * pc.total)} MiB in fp32); fp32, AdamW, gradient clipping 1.0",
@@ -418,6 +423,14 @@ def markdown(result: dict) -> str:
         "(all-reduce 2(n-1)/n S, all-gather (n-1) x input, reduce-scatter (n-1)/n S, send S). The largest rank is shown; "
         "'analytic' is `analytic()` in the script (DDP 2(n-1)/n x 4P, FSDP2 (n-1)/n x 4 x (2P + re-gathered parameters), "
         "TP 8 (t-1)/t x 4NC per layer + embedding/output, PP 4NC per boundary)",
+        *(
+            [
+                f"- byte counts of {', '.join(r['label'] for r in rows if r.get('comm_command'))} re-measured without timing by "
+                f"`{next(r['comm_command'] for r in rows if r.get('comm_command'))}`"
+            ]
+            if any(r.get("comm_command") for r in rows)
+            else []
+        ),  # fmt: skip
         "",
         "| layout | processes | step (ms) | vs 1 process | peak memory per rank (MiB) | sent per rank, measured (KiB) | analytic (KiB) "
         "| measured / analytic | sent / parameter bytes | collectives per step (largest rank) |",
@@ -445,13 +458,16 @@ def markdown(result: dict) -> str:
 
 def notes(rows: list[dict], m: ModelConfig) -> list[str]:
     """What the table says, from its own numbers."""
-    ratios = [max(r["sent_bytes_per_rank"]) / r["analytic_sent_bytes"]["total"] for r in rows if r["analytic_sent_bytes"]["total"]]
+    comm = [r for r in rows if r["analytic_sent_bytes"]["total"]]
+    ratios = [max(r["sent_bytes_per_rank"]) / r["analytic_sent_bytes"]["total"] for r in comm]
     out = []
     if ratios:
+        extra = max(max(r["sent_bytes_per_rank"]) - r["analytic_sent_bytes"]["total"] for r in comm)
         out.append(
             f"- Measured against analytic: {min(ratios):.4f} to {max(ratios):.4f} over the {len(ratios)} layouts that communicate. "
-            "What the formulas leave out is small: the loss-parallel reductions, the all-reduces of replicated norm gains' "
-            "gradients under tensor parallel and the pipeline's loss hand-over (a few hundred bytes)."
+            "What the formulas leave out is small (at most "
+            f"{extra / 2**10:,.0f} KiB per step): the gradient-norm reductions, loss parallel's reductions of per-token maxima and "
+            "sums, the all-reduces of the replicated norm gains' gradients under tensor parallel, the pipeline's loss hand-over."
         )
     out.append(
         "- The rules of thumb '2x the parameter bytes for DDP, 3x for FSDP2' are the many-process limit: per rank a ring all-reduce "
@@ -495,6 +511,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write OUT.jsonl and OUT.md")
     p.add_argument("--merge", action="store_true", help="keep the other layouts already in OUT.jsonl")
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.jsonl")
+    p.add_argument("--comm-only", action="store_true", help="with --merge: replace only the byte counts of the layouts measured")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -542,11 +559,21 @@ def main(argv=None) -> int:
     measured = len(rows)
     if args.out and args.merge and Path(args.out).with_suffix(".jsonl").is_file():
         # keep the layouts measured by an earlier command (e.g. the other half, each under its own lock)
-        done = {r["strategy"] for r in rows}
         old = [json.loads(ln) for ln in Path(args.out).with_suffix(".jsonl").read_text().splitlines() if ln.strip()]
+        if args.comm_only:  # only the bytes are new: step times and memory stay those of the earlier (timed) command
+            new = {r["strategy"]: r for r in rows}
+            comm = ("sent_bytes_per_rank", "received_p2p_bytes_per_rank", "analytic_sent_bytes", "ratio_max_rank", "ops_max_rank")
+            rows = [{**r, **{k: new[r["strategy"]][k] for k in comm}, "comm_command": result["command"]} if r["strategy"] in new else r
+                    for r in old]  # fmt: skip
+            old = []
+            result.update({k: rows[0][k] for k in ("command", "date", "warmup", "timing_note") if k in rows[0]})
+            result["steps"] = len(rows[0]["step_s"])
+        else:
+            result["command"] += " (layouts measured by separate commands of this form, merged)"
+        done = {r["strategy"] for r in rows}
         rows += [r for r in old if r["strategy"] not in done]
         rows.sort(key=lambda r: list(STRATEGIES).index(r["strategy"]))
-        result["command"] += " (layouts measured by separate commands of this form, merged)"
+        result["rows"] = rows
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
