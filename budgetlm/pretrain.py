@@ -260,8 +260,6 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
     par = cfg.parallel
     if par.tp > 1 or par.pp > 1 or par.fsdp_cpu_offload or par.dp_shard > 1 or (par.dp_shard == -1 and dist.world_size > 1):
         fixed_train.setdefault("optimizer", "adamw")  # Muon orthogonalises whole matrices; sharded layouts keep AdamW
-    if par.tp > 1:
-        fixed_model.setdefault("qk_norm", False)  # tensor parallelism does not shard the per-head norms yet
     plan = None
     if dist.rank == 0:
         print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")

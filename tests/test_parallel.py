@@ -37,6 +37,7 @@ COMMON = [
     "model.n_embd=64",
     "model.seq_len=32",
     "model.tie_embeddings=false",
+    "model.qk_norm=true",  # tensor parallel replicates its per-head gains while q and k are split by heads
     "train.batch_tokens=512",
     "train.micro_batch=4",
     "train.log_every=1",

@@ -46,8 +46,6 @@ def check_parallel_config(cfg) -> None:
         n_kv = m.n_kv_head or m.n_head
         if m.n_head % p.tp or n_kv % p.tp:
             raise UserError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the key/value heads ({n_kv})")
-        if m.qk_norm:
-            raise UserError("parallel.tp > 1 does not support model.qk_norm=true yet (the per-head norms are not sharded)")
         if p.sequence_parallel and m.seq_len % p.tp:
             raise UserError(f"parallel.sequence_parallel needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}")
     if p.pp > 1:
@@ -165,6 +163,12 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, loss_paralle
         }
         if block.feed_forward.w3 is not None:
             plan["feed_forward.w3"] = ColwiseParallel()
+        if block.attention.q_norm is not None:
+            # QK-norm normalises each head over head_dim, and q, k (B, nh, T, hs) arrive split by heads:
+            # the gains are replicated, each rank normalises its own heads, and the gains' gradients
+            # (partial sums over this rank's heads) are summed over the mesh (torchtitan's Qwen3 plan)
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
         plan["attention_norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParams()
         plan["ffn_norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParams()
         parallelize_module(block, tp_mesh, plan)
