@@ -207,9 +207,13 @@ class HybridOptimizer(torch.optim.Optimizer):
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group (in place where it is a tensor, as torchao's
+    8-bit AdamW keeps it, which refuses a float in its place)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def check_schedule(cfg: TrainConfig) -> None:
