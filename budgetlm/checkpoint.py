@@ -1,13 +1,33 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic checkpoints and exact resume, in one of two formats.
 
-A checkpoint is a directory (`RUN/checkpoint/`) holding:
+A checkpoint is a directory (`RUN/checkpoint/`). A single process writes single files:
 
     model.safetensors   weights; tied/shared tensors stored once, ties listed in the metadata
     optimizer.pt        torch.save of the optimizer's state_dict (absent if none was given)
     rng.pt              python, numpy, torch CPU and (when present) CUDA generator states
-    state.json          the loop's state (step, tokens, clock, data position, lr scale, NaN
-                        counters, ...) plus "format": "budgetlm-ckpt/1"; written last
+    state.json          the loop's state (step, tokens, clock, data position, GradScaler, lr scale,
+                        NaN counters, layout, ...) plus "format": "budgetlm-ckpt/1"; written last
     <extra files>       whatever the loop adds (resolved config, tokenizer, ...)
+
+Several processes (any layout: DDP, FSDP2, HSDP, tensor or pipeline parallel) write one sharded
+checkpoint with `torch.distributed.checkpoint` (DCP), every rank its own part, and nobody gathers
+the model:
+
+    .metadata           DCP's index: every tensor's global shape and which file holds which piece
+    __R_0.distcp        rank R's shards of the model and optimizer state (a replicated tensor is
+                        written by one rank only)
+    rng-R.pt            rank R's generator states
+    state.json          as above, with "format": "budgetlm-ckpt/2"; written last, by rank 0
+
+Keys are the fully-qualified parameter names of the unsharded model (`layers.3.attention.wq.weight`;
+the optimizer's flattened as `state.<name>.exp_avg`, `param_groups.<name>.lr`, by
+`torch.distributed.checkpoint.state_dict` with `flatten_optimizer_state_dict`): tensor-parallel and
+FSDP2 shards are DTensors of the whole parameter, and a pipeline stage is the model with other
+stages' layers deleted, so its names are the whole model's. DCP's `.metadata` records each piece's
+place in the whole tensor, so a checkpoint loads into any other layout or process count (4
+processes -> 2, FSDP2 -> tensor parallel, pipeline -> none, N -> 1): each rank reads the pieces
+that overlap what it now holds. The single-file format loads into any layout too (rank 0 reads
+and scatters: the upgrade path for checkpoints written before the sharded format).
 
 How a save stays atomic. Every file goes into a fresh sibling `checkpoint.tmp-XXXX/` and is
 fsynced, then the directory itself; then `checkpoint/` is renamed to `checkpoint.old/`,
@@ -18,11 +38,11 @@ through a rename of a complete, synced one. A kill at any moment leaves one of:
 - no `checkpoint/` but a complete `checkpoint.old/` (killed between the two renames).
 Loading uses `checkpoint/`, else `checkpoint.old/`, and never writes. The next save first
 repairs the directory: renames `.old` back if `checkpoint/` is missing, then deletes `.old`
-and stale `.tmp-*` siblings.
-
-Only one process may save to a path (rank 0 in a distributed run, after gathering sharded states
-with `full_train_state`: every layout writes the same whole-model files).
-RNG states saved are that process's; other ranks reseed from the step (the loop's job).
+and stale `.tmp-*` siblings. In a sharded save rank 0 alone repairs, creates the temporary
+directory (its name is broadcast) and renames; every rank writes its files into it (DCP fsyncs
+each), rank 0 writes `.metadata` once all have finished, and only after a barrier that every rank
+passes once its files are synced does rank 0 write `state.json` and rename. So every process must
+see the same run directory (one machine, or a shared file system across nodes).
 """
 
 from __future__ import annotations
@@ -33,6 +53,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -42,15 +63,17 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from budgetlm.distributed import unwrap_model
+from budgetlm.distributed import all_reduce_max, unwrap_model
 from budgetlm.errors import UserError
 
-FORMAT = "budgetlm-ckpt/1"
+FORMAT = "budgetlm-ckpt/1"  # single files
+SHARDED_FORMAT = "budgetlm-ckpt/2"  # torch.distributed.checkpoint, one part per rank
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
-RESERVED = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
+DCP_METADATA = ".metadata"
+RESERVED = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, DCP_METADATA}
 ALIASES_KEY = "budgetlm.aliases"  # safetensors metadata: {"tied name": "stored name"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -239,12 +262,12 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# whole states of sharded models (FSDP2 / tensor parallel), and optimizer states by name
+# whole states (single-file checkpoints and the consolidated final weights), optimizer states by name
 #
-# A checkpoint holds the whole model and optimizer state, keyed by parameter name, whatever the
-# layout that wrote it: torch.distributed.checkpoint's get_/set_state_dict gather the shards to
-# rank 0 on save and scatter them to any other layout on load (4 processes -> 2, FSDP -> TP, N -> 1).
-# Checkpoints written before the optimizer state was keyed by name (by parameter index) still load.
+# A single-file checkpoint holds the whole model and optimizer state keyed by parameter name;
+# torch.distributed.checkpoint's get_/set_state_dict gather shards on a single process (FSDP2 with
+# CPU offload) and scatter a single-file checkpoint into any layout on load. Checkpoints written
+# before the optimizer state was keyed by name (by parameter index) still load.
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -287,9 +310,25 @@ def optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer,
         raise UserError(f"the optimizer state names parameter {e} that this model does not have") from None
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU, on rank 0 ({} elsewhere when sharded: a collective then)."""
+def full_model_state(model: nn.Module, gather: dict | None = None) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, on rank 0 ({} elsewhere when sharded: a collective then).
+
+    `gather` is for pipeline stages: every rank holds part of the model, so each stage's whole
+    state is made on every rank of that stage and its first rank (`gather["sender"]`) sends it to
+    rank 0, which merges them (a collective over all ranks). Used once, for the final weights."""
     model = unwrap_model(model)
+    if gather is not None:
+        import torch.distributed as dist
+
+        if is_sharded(model):  # whole tensors on every rank of the stage (DSD's CPU copy goes to global rank 0 only)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        else:
+            mine = model.state_dict()
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object({k: v.detach().cpu() for k, v in mine.items()} if gather["sender"] else None, parts, dst=0)
+        return {k: v for p in parts or () if p is not None for k, v in p.items()}
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -300,50 +339,13 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, gather: dict | None = None) -> tuple[dict, dict | None]:
-    """Whole model and optimizer states (the optimizer's keyed by parameter name), on rank 0.
-
-    `gather` is for pipeline stages: every rank holds part of the model, so each stage's whole
-    state is made on every rank of that stage and its first rank (`gather["sender"]`) sends it to
-    rank 0, which merges them (a collective over all ranks)."""
+def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """Whole model and optimizer states (the optimizer's keyed by parameter name) of a single process,
+    for `save_checkpoint` (a model sharded on one process, FSDP2 with CPU offload, is gathered)."""
     model = unwrap_model(model)
-    if gather is None:
-        if not is_sharded(model):
-            return model.state_dict(), optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
-        return full_model_state(model), _full_optimizer_state(model, optimizer)
-    import torch.distributed as dist
-
-    if is_sharded(model):  # whole tensors on every rank of the stage (DSD's CPU copy goes to global rank 0 only)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True)
-        mine = {k: v.cpu() for k, v in get_model_state_dict(model, options=options).items()}
-        optim = _full_optimizer_state(model, optimizer, options) if optimizer is not None else None
-    else:
-        mine = {k: v.cpu() for k, v in model.state_dict().items()}
-        optim = optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(_to_cpu((mine, optim)) if gather["sender"] else None, parts, dst=0)
-    if dist.get_rank() != 0:
-        return {}, None
-    parts = [p for p in parts if p is not None]
-    model_state = {k: v for m, _ in parts for k, v in m.items()}
-    if optimizer is None:
-        return model_state, None
-    merged = {"state": {k: v for _, o in parts for k, v in o["state"].items()}, "param_groups": []}
-    for i, group in enumerate(parts[0][1]["param_groups"]):
-        merged["param_groups"].append({**group, "params": [n for _, o in parts for n in o["param_groups"][i]["params"]]})
-    return model_state, merged
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+    if not is_sharded(model):
+        return model.state_dict(), optimizer_state_by_name(model, optimizer, optimizer.state_dict()) if optimizer is not None else None
+    return full_model_state(model), _full_optimizer_state(model, optimizer)
 
 
 def _full_optimizer_state(model: nn.Module, optimizer, options=None) -> dict | None:
@@ -460,13 +462,8 @@ def save_checkpoint(
     maps plain file names to their bytes. Returns `path`.
     """
     path = Path(path)
-    if "format" in loop_state:
-        raise ValueError("loop_state may not use the key 'format'")
     extra_files = extra_files or {}
-    for name in extra_files:
-        if name in RESERVED or not _SAFE_NAME.match(name) or name in (".", ".."):
-            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
-    state_bytes = json.dumps({"format": FORMAT, **loop_state}, indent=1).encode()  # fails before touching disk
+    state_bytes = _state_bytes(loop_state, extra_files, FORMAT)  # fails before touching disk
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair(path)
 
@@ -480,13 +477,152 @@ def save_checkpoint(
     _write_bytes(tmp / STATE_FILE, state_bytes)
     _fsync_path(tmp)
 
+    _swap_in(tmp, path)
+    return path
+
+
+def _state_bytes(loop_state: dict, extra_files: dict[str, bytes], fmt: str) -> bytes:
+    if "format" in loop_state:
+        raise ValueError("loop_state may not use the key 'format'")
+    for name in extra_files:
+        if name in RESERVED or name.startswith("rng-") or not _SAFE_NAME.match(name) or name in (".", ".."):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+    return json.dumps({"format": fmt, **loop_state}, indent=1).encode()
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the complete, synced `tmp` to `path` (see the module docstring)."""
     if path.exists():
         os.replace(path, _old(path))
     os.replace(tmp, path)
     _fsync_path(path.parent)
     if _old(path).exists():
         shutil.rmtree(_old(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded checkpoints (torch.distributed.checkpoint): every rank writes and reads its own part
+
+
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys by parameter name, not index
+
+
+def _first_error(err: str | None) -> str | None:
+    """The first rank's error message on every rank (None when no rank has one), so that all ranks
+    stop together instead of some waiting in a collective the others never reach."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return err
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    return next((e for e in errs if e is not None), None)
+
+
+def save_sharded_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, loop_state: dict, extra_files: dict[str, bytes] | None = None
+) -> Path:
+    """`save_checkpoint` for several processes: called on every rank at once (a collective), each
+    writing its own shards of the model and optimizer through torch.distributed.checkpoint. Rank
+    0's `loop_state` and `extra_files` are written. The optimizer state is saved once every rank
+    has one (before the first step there is none: see `_full_optimizer_state`)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    path = Path(path)
+    extra_files = extra_files or {}
+    state_bytes = _state_bytes(loop_state, extra_files, SHARDED_FORMAT)
+    rank = dist.get_rank()
+    tmp, err = None, None
+    if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _repair(path)
+            tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
+        except OSError as e:
+            err = f"cannot write checkpoint {path}: {e}"
+    box = [tmp, err]
+    dist.broadcast_object_list(box, src=0)
+    tmp, err = box
+    if err:
+        raise UserError(err)
+    tmp = Path(tmp)
+    model = unwrap_model(model)
+    state = {"model": get_model_state_dict(model)}  # DTensor shards and this stage's tensors, by name
+    if optimizer is not None and not all_reduce_max(0.0 if optimizer.state else 1.0):
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_dcp_options())
+    dcp.save(state, checkpoint_id=str(tmp))  # __R_0.distcp from every rank, then .metadata from rank 0
+    _torch_save(rng_state(), tmp / f"rng-{rank}.pt")
+    dist.barrier()  # every rank's files are written and synced
+    if rank == 0:
+        try:
+            for name, data in extra_files.items():
+                _write_bytes(tmp / name, data)
+            _write_bytes(tmp / STATE_FILE, state_bytes)
+            _fsync_path(tmp)
+            _swap_in(tmp, path)
+        finally:
+            dist.barrier()
+    else:
+        dist.barrier()  # no rank goes on (and may save again) before the new checkpoint is in place
     return path
+
+
+def _check_saved(saved: dict, state: dict, prefix: str, d: Path) -> str | None:
+    """What in `state` (this rank's template) the checkpoint's index lacks or shapes otherwise."""
+    for name, value in state.items():
+        key = prefix + name
+        if key not in saved:
+            if prefix == "model.":
+                return f"checkpoint {d} does not match this model: tensor '{name}' is missing from it"
+            return f"checkpoint {d}: the optimizer state lacks '{name}' (written with another optimizer?)"
+        size = getattr(saved[key], "size", None)
+        if isinstance(value, torch.Tensor) and size is not None and tuple(size) != tuple(value.shape):
+            return f"checkpoint {d} does not match this model: '{name}' has shape {tuple(size)} there but {tuple(value.shape)} here"
+    return None
+
+
+def _load_dcp(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a sharded checkpoint into this rank's part of `model` (any layout), on every rank at once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+
+    model = unwrap_model(model)
+    saved, err = {}, None
+    try:
+        saved = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    except Exception as e:  # a truncated or foreign .metadata
+        err = f"checkpoint {d}: {DCP_METADATA} is unreadable ({type(e).__name__})"
+    state, unsaved = {"model": get_model_state_dict(model)}, {}
+    err = err or _check_saved(saved, state["model"], "model.", d)
+    with_optimizer = optimizer is not None and any(k.startswith("optimizer.") for k in saved)
+    if with_optimizer and err is None:
+        if not optimizer.state:  # the template allocates the state with a zero step, which DSD skips while gradients exist
+            optimizer.zero_grad(set_to_none=True)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_dcp_options())
+        # a group setting this torch has and the writer's did not (torch adds them across versions) keeps its value here
+        unsaved = {k: v for k, v in state["optimizer"].items() if k.startswith("param_groups.") and "optimizer." + k not in saved}
+        for k in unsaved:
+            del state["optimizer"][k]
+        err = _check_saved(saved, state["optimizer"], "optimizer.", d)
+    err = _first_error(err)
+    if err:
+        raise UserError(err)
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a slip
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(d), no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # damaged shard files; DCP reports every rank's failure at once
+        raise UserError(f"checkpoint {d} could not be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    set_model_state_dict(model, state["model"])
+    if with_optimizer:
+        set_optimizer_state_dict(model, optimizer, {**state["optimizer"], **unsaved}, options=_dcp_options())
+    elif optimizer is not None:  # saved before the first step: a fresh optimizer
+        optimizer.state.clear()
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -505,9 +641,9 @@ def read_loop_state(path: str | Path) -> dict:
         state = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {d}: {STATE_FILE} is unreadable ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, SHARDED_FORMAT):
         found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"checkpoint {d} has format {found!r}; this budgetlm reads {FORMAT}")
+        raise UserError(f"checkpoint {d} has format {found!r}; this budgetlm reads {FORMAT} and {SHARDED_FORMAT}")
     state.pop("format")
     return state
 
@@ -553,12 +689,21 @@ def load_checkpoint(
     """Restore weights (and the optimizer and RNG states) from a checkpoint; returns the loop state.
 
     The optimizer must have been built the same way as the saved one (same parameter groups);
-    its tensors move to the parameters' device. A sharded model (FSDP2 / tensor parallel) is
-    loaded on every rank at once, from rank 0's reading, whatever layout wrote the checkpoint. Raises UserError for a missing, damaged or
-    mismatched checkpoint, naming the first tensor that does not fit.
+    its tensors move to the parameters' device. A sharded checkpoint is read on every rank at once,
+    each rank its own part, whatever layout wrote it (into one unsharded model too); a single-file
+    checkpoint is read by rank 0 and scattered into a sharded model, or read per stage (`partial`).
+    Raises UserError for a missing, damaged or mismatched checkpoint, naming the first tensor that
+    does not fit.
     """
     d = find_checkpoint(path)
     loop_state = read_loop_state(d)
+    if (d / DCP_METADATA).is_file():  # sharded: each rank reads the pieces it holds now
+        _load_dcp(d, model, optimizer)
+        if restore_rng:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            rng = d / f"rng-{rank}.pt"
+            set_rng_state(_torch_load(rng if rng.is_file() else d / "rng-0.pt", "random generator states"))
+        return loop_state
     if partial:  # a pipeline stage: the part of the whole checkpoint this model holds
         _load_part(d, model, optimizer)
         optimizer = None

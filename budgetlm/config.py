@@ -53,6 +53,12 @@ class ModelConfig:
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
     embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
+    attention: str = opt(
+        "auto",
+        "attention kernel: sdpa (PyTorch's fused kernels), explicit (matmul, softmax, matmul: faster on CPUs for short contexts), "
+        "auto (explicit on CPU up to 512 keys, sdpa otherwise); the same math either way",
+        ("auto", "sdpa", "explicit"),
+    )
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
     logit_softcap: float = opt(0.0, "squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2: 30, nanochat: 15); 0 = off")
@@ -127,7 +133,8 @@ class ParallelConfig:
     dp_shard: int = opt(1, "sharded data-parallel degree (FSDP2: parameters, gradients and optimizer state split); -1 = what the others leave")
     tp: int = opt(1, "tensor-parallel degree (attention heads and MLP columns split over ranks, DTensor)")
     pp: int = opt(1, "pipeline-parallel degree: layers cut into this many stages, one per rank (needs model.tie_embeddings=false)")
-    pp_schedule: str = opt("1F1B", "pipeline schedule", ("GPipe", "1F1B"))
+    pp_schedule: str = opt("1F1B", "pipeline schedule", ("GPipe", "1F1B", "Interleaved1F1B"))
+    pp_virtual_stages: int = opt(2, "with pp_schedule=Interleaved1F1B: stages per rank (rank r runs stages r, r + pp, ...)")
     pp_microbatches: int = opt(0, "pieces each micro-batch is cut into for the pipeline; 0 = parallel.pp")
     sequence_parallel: bool = opt(True, "with tp > 1: also split norms and residuals along the sequence")
     loss_parallel: bool = opt(True, "with tp > 1: compute the loss on vocabulary-sharded logits, never gathering them")
@@ -220,6 +227,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config key '{key}': expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads `compile: true` and `--set train.compile=false` as booleans
+            return "true" if value else "false"
         return "" if value is None else str(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key + ".")

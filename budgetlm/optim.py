@@ -18,6 +18,7 @@ from torch import nn
 
 from budgetlm.config import TrainConfig
 from budgetlm.errors import UserError
+from budgetlm.muon import Muon
 
 SCHEDULES = ("one-cycle", "linear", "wsd", "cosine", "constant")
 
@@ -121,10 +122,8 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
     semi-orthogonal matrix (5 Newton-Schulz iterations). Its update is scaled to match AdamW's
     RMS (0.2 sqrt(max(fan_in, fan_out)); Liu et al. 2025, "Muon is Scalable for LLM Training"),
     so both groups share one learning rate and one weight decay, and the rules that set AdamW's
-    rate set this one. `torch.optim.Muon` (PyTorch >= 2.9) does the update.
+    rate set this one. `budgetlm.muon.Muon` does the update: `torch.optim.Muon`'s, batched by shape.
     """
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"train.optimizer=muon needs PyTorch >= 2.9 (this is {torch.__version__}); use train.optimizer=adamw")
     hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
     if any(hasattr(p, "device_mesh") for p in hidden):
         raise UserError("train.optimizer=muon needs whole matrices on each rank; with FSDP2 or tensor parallelism use train.optimizer=adamw")
@@ -136,7 +135,7 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
         optimizers.append(_adamw(rest, cfg, device_type))
     if hidden:
         optimizers.append(
-            torch.optim.Muon(
+            Muon(
                 hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
             )
         )
@@ -194,26 +193,27 @@ class HybridOptimizer(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
-        start, offset = 0, 0
+        start = 0
         for o in self.optimizers:
-            n_groups, n_params = len(o.param_groups), sum(len(g["params"]) for g in o.param_groups)
-            mine = groups[start : start + n_groups]
-            o.load_state_dict(
-                {
-                    "state": {i - offset: s for i, s in state_dict["state"].items() if offset <= i < offset + n_params},
-                    "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine],
-                }
-            )
-            start, offset = start + n_groups, offset + n_params
+            # a child maps the saved ids (indices, or names from torch.distributed.checkpoint.state_dict)
+            # to its parameters by their position in its groups, so its share of ids is all it needs
+            mine = groups[start : start + len(o.param_groups)]
+            ids = {i for g in mine for i in g["params"]}
+            o.load_state_dict({"state": {i: s for i, s in state_dict["state"].items() if i in ids}, "param_groups": mine})
+            start += len(o.param_groups)
 
     def __repr__(self) -> str:
         return f"HybridOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group (in place where it is a tensor, as torchao's
+    8-bit AdamW keeps it, which refuses a float in its place)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def check_schedule(cfg: TrainConfig) -> None:

@@ -47,7 +47,7 @@ from budgetlm.distributed import (
     parallelize,
     print0,
 )
-from budgetlm.distributed.pipeline import make_stage, stage_layers
+from budgetlm.distributed.pipeline import build_pipeline, make_stage, merge_stages, stage_ids, stage_layers
 from budgetlm.errors import UserError
 from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
@@ -271,8 +271,6 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
     par = cfg.parallel
     if par.tp > 1 or par.pp > 1 or par.fsdp_cpu_offload or par.dp_shard > 1 or (par.dp_shard == -1 and dist.world_size > 1):
         fixed_train.setdefault("optimizer", "adamw")  # Muon orthogonalises whole matrices; sharded layouts keep AdamW
-    if par.tp > 1:
-        fixed_model.setdefault("qk_norm", False)  # tensor parallelism does not shard the per-head norms yet
     plan = None
     if dist.rank == 0:
         print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")
@@ -315,15 +313,21 @@ def build_model(cfg: RunConfig, dims: ParallelDims, dist: DistInfo, precision: P
     mesh = build_mesh(dims, device)
     torch.manual_seed(cfg.train.seed)
     seed = int(torch.randint(0, 2**62, ()))  # the same initialisation on every rank, stage and layout
-    model = Transformer.on_meta(cfg.model)
-    if dims.pp_enabled:  # this rank's pipeline stage: the same model with the other stages' parts deleted
-        m = cfg.model
-        stage = dims.coords(dist.rank)["pp"]
-        layers = stage_layers(m.n_layer, m.n_embd, full.padded_vocab_size, dims.pp)[stage]
-        make_stage(model, layers, first=stage == 0, last=stage == dims.pp - 1)
     param_dtype = precision.dtype if precision.name == "bf16" else None
-    par = parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed)
-    return full, par
+    if not dims.pp_enabled:
+        model = Transformer.on_meta(cfg.model)
+        return full, parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed)
+    # this rank's pipeline stages: each the same model with the other stages' parts deleted, parallelised on its own
+    m, p = cfg.model, cfg.parallel
+    stages, n_stages = stage_ids(dims.coords(dist.rank)["pp"], dims.pp, p.pp_schedule, p.pp_virtual_stages)
+    layers = stage_layers(m.n_layer, m.n_embd, full.padded_vocab_size, n_stages)
+    parts = []
+    for s in stages:
+        model = make_stage(Transformer.on_meta(m), layers[s], first=s == 0, last=s == n_stages - 1)
+        parts.append(parallelize(model, dims, cfg, mesh, device, compile_on=compile_on, param_dtype=param_dtype, seed=seed))
+    pipe = build_pipeline([q.train_model for q in parts], stages=stages, n_stages=n_stages, pp_mesh=mesh["pp"], device=device,
+                          schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp)  # fmt: skip
+    return full, Parallelized(pipe, merge_stages([q.model for q in parts]), parts[0].compiled, loss_parallel=False)
 
 
 @dataclass
@@ -379,22 +383,27 @@ class Trainer:
         return out
 
     def save(self, done: bool = False) -> None:
-        """A checkpoint of everything resume needs; gathered to rank 0 (a collective when sharded)."""
-        model_state, optim_state = ckpt.full_train_state(self.par.model, self.optimizer, gather=self.gather)
-        if self.dist.rank == 0:
-            loop = {
-                "loop": {**self.state.__dict__, "done": done},
-                "loader": self.loader.state_dict(),  # the stream position is global: the same on every rank
-                "clock": self.clock.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "layout": {"world_size": self.dims.world_size, **{k: getattr(self.dims, k) for k in MESH_DIMS}},
-            }
-            ckpt.save_checkpoint(self.ckpt_dir, model_state=model_state, optimizer_state=optim_state, loop_state=loop)
-        barrier()
+        """A checkpoint of everything resume needs: single files from one process; from several, every
+        rank writes its own shards (torch.distributed.checkpoint), nothing is gathered (a collective)."""
+        loop = {
+            "loop": {**self.state.__dict__, "done": done},
+            # the stream position is global, the same on every rank: each rank's next windows follow
+            # from it and the rank's data-parallel index, for any number of ranks
+            "loader": self.loader.state_dict(),
+            "clock": self.clock.state_dict(),
+            # fp16 runs under DDP only, where every rank unscales the same all-reduced gradients: one scaler state
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "layout": {"world_size": self.dims.world_size, **{k: getattr(self.dims, k) for k in MESH_DIMS}},
+        }
+        if self.dist.world_size > 1:
+            ckpt.save_sharded_checkpoint(self.ckpt_dir, self.par.model, self.optimizer, loop)
+            return
+        model_state, optim_state = ckpt.full_train_state(self.par.model, self.optimizer)
+        ckpt.save_checkpoint(self.ckpt_dir, model_state=model_state, optimizer_state=optim_state, loop_state=loop)
 
     def restore(self, restore_rng: bool = True) -> dict:
         """Load the last checkpoint into the model, optimizer and scaler (any layout); returns its loop state."""
-        partial = self.dims.pp_enabled  # a pipeline stage loads its own part
+        partial = self.dims.pp_enabled  # a pipeline stage loads its own part (of a single-file checkpoint)
         loop = ckpt.load_checkpoint(self.ckpt_dir, self.par.model, self.optimizer, restore_rng=restore_rng, partial=partial)
         if self.scaler is not None and loop.get("scaler"):
             self.scaler.load_state_dict(loop["scaler"])
@@ -402,7 +411,7 @@ class Trainer:
 
     @property
     def gather(self):
-        """For a pipeline: how whole states of the stages reach rank 0 (None: one model holds them all)."""
+        """For a pipeline: how whole states of the stages reach rank 0 for the final weights (None: one model holds them all)."""
         if not self.dims.pp_enabled:
             return None
         c = self.dims.coords(self.dist.rank)
@@ -535,6 +544,8 @@ def fit(t: Trainer) -> None:
     flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
     loss_fn = functools.partial(_loss, z_loss=cfg.train.z_loss)
+    if t.par.compiled == "model+loss":
+        loss_fn = torch.compile(loss_fn)  # compiles on the first step, on the clock
     sp = t.dims.tp if t.dims.tp_enabled and cfg.parallel.sequence_parallel else 1  # lengths must split over the TP ranks
     clock.start()
     last_ckpt = time.monotonic()
@@ -621,7 +632,7 @@ def validate(t: Trainer) -> dict:
         planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
         summary["planned_tokens"] = round(planned)
         summary["tokens_vs_plan"] = round(state.tokens / max(planned, 1), 3)
-    weights, _ = ckpt.full_train_state(t.par.model, None, gather=t.gather)  # consolidated on rank 0 (a collective when sharded)
+    weights = ckpt.full_model_state(t.par.model, gather=t.gather)  # consolidated on rank 0, once (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
         write_json(t.run_dir / "eval.json", val)

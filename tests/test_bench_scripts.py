@@ -1,5 +1,6 @@
 """The benchmark scripts that only run where a GPU is lent at least parse."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,3 +15,39 @@ def test_gpu_sh_parses_and_explains_itself():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], check=True)
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--dry-run" in out and "9 minutes" in out
+
+
+@pytest.mark.slow
+def test_scaling_bench_measures_ddp_bytes(tmp_path):
+    """bench/scaling.py on 2 gloo processes with a tiny model: the bytes its dispatch mode counts for
+    DDP are the ring all-reduce of every gradient, 2 (n-1)/n x 4 bytes per parameter."""
+    import sys
+
+    out = tmp_path / "scaling"
+    cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--smoke", "--strategies", "ddp2", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    (row,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert row["processes"] == 2 and len(row["peak_bytes_per_rank"]) == 2 and min(row["peak_bytes_per_rank"]) > 0
+    assert row["ops_max_rank"]["allreduce_"]["calls"] >= 1
+    assert abs(row["ratio_max_rank"] - 1.0) < 0.01, row["analytic_sent_bytes"]
+    assert "| DDP x2 | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_savers_bench_worker_runs_in_process():
+    """bench/savers.py's worker trains a tiny model with selective checkpointing (in this process:
+    no launch), and without a GPU it records FSDP2 CPU offload's one-line refusal."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("savers", ROOT / "bench" / "savers.py")
+    savers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(savers)
+    threads = torch.get_num_threads()
+    try:
+        got = savers.worker({"part": "time", "model": savers.SMOKE_MODEL, "micro": 2, "ckpt": "selective", "steps": 1, "warmup": 0})
+        assert len(got["times"]) == 1 and got["times"][0] > 0
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in savers.offload_refusal()

@@ -152,6 +152,27 @@ def test_pipeline_stages_balance_flops():
         stage_layers(2, 64, 128, 3)
 
 
+def test_interleaved_stages_are_looped_and_their_schedule_checked():
+    """Interleaved 1F1B: rank r of P runs stages r, r + P, ... of P x V, cut by FLOPs like one stage per rank."""
+    from budgetlm.distributed.pipeline import check_schedule, stage_ids, stage_layers
+
+    assert stage_ids(1, 2, "Interleaved1F1B", 2) == ([1, 3], 4)
+    assert stage_ids(0, 4, "Interleaved1F1B", 3) == ([0, 4, 8], 12)
+    assert stage_ids(1, 2, "1F1B", 2) == ([1], 2)  # one stage per rank whatever pp_virtual_stages says
+    # 8 layers in 4 stages, the last also holding an output projection worth ~2.7 layers: rank 1 of 2 runs 1-3 and 7
+    layers = stage_layers(8, 768, 50304, 4)
+    assert [layers[s] for s in stage_ids(1, 2, "Interleaved1F1B", 2)[0]] == [[1, 2, 3], [7]]
+    with pytest.raises(D.UserError, match="at least 2"):
+        stage_ids(0, 2, "Interleaved1F1B", 1)
+    check_schedule("Interleaved1F1B", 2, 4)
+    check_schedule("Interleaved1F1B", 4, 2)  # fewer pieces than ranks: one round
+    check_schedule("Interleaved1F1B", 4, 10)  # two rounds of 5
+    with pytest.raises(D.UserError, match=r"pp_microbatches=9 divisible by its rounds, max\(1, pp_microbatches // parallel.pp\) = 2"):
+        check_schedule("Interleaved1F1B", 4, 9)
+    with pytest.raises(D.UserError, match="not one of"):
+        check_schedule("ZeroBubble", 2, 2)
+
+
 def test_settings_that_cannot_work_are_refused_before_anything_runs():
     from budgetlm.config import RunConfig, apply_overrides
 
@@ -164,6 +185,8 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
     refused("parallel.tp=2", "model.objective=masked", match="causal only")
     refused("parallel.pp=2", match="tie_embeddings=false")
     refused("parallel.pp=8", "model.tie_embeddings=false", match="at least as many layers")
+    interleaved = ("parallel.pp=4", "model.tie_embeddings=false", "model.n_layer=6", "parallel.pp_schedule=Interleaved1F1B")
+    refused(*interleaved, match=r"parallel.pp=4 x parallel.pp_virtual_stages=2 stages need at least as many layers \(model.n_layer=6\)")
     refused("parallel.dp_shard=-1", "parallel.ddp_comm_hook=powersgd", match="DDP only")
     if not torch.cuda.is_available():
         refused("parallel.fsdp_cpu_offload=true", match="needs a CUDA GPU")

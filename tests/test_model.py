@@ -251,3 +251,33 @@ def test_z_loss_value_and_gradient():
     # sparse masked logits (M, V) pair with the (B, T) targets as without the z term
     sparse = logits.detach()[keep]
     torch.testing.assert_close(lm_loss(sparse, targets, z_loss=1e-2), ref.detach().float())
+
+
+@pytest.mark.parametrize("objective, n_kv_head, autocast", [("causal", 0, False), ("causal", 2, True), ("masked", 0, False)])
+def test_explicit_attention_equals_sdpa(objective, n_kv_head, autocast):
+    """The CPU fast path for short contexts computes what SDPA computes: same loss, same gradients."""
+    losses, grads = [], []
+    idx, targets = torch.randint(0, 100, (3, 32)), torch.randint(0, 100, (3, 32))
+    for kernel in ("sdpa", "explicit"):
+        model = build(tiny(objective=objective, n_kv_head=n_kv_head, attention=kernel))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = compute_loss(model, idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    tol = 2e-2 if autocast else 1e-5  # bf16 rounds the two orders of operations differently
+    assert losses[0] == pytest.approx(losses[1], rel=tol)
+    assert torch.allclose(grads[0], grads[1], rtol=tol, atol=tol * grads[0].abs().max().item())
+
+
+def test_auto_attention_takes_the_explicit_path_only_for_short_cpu_training_contexts(monkeypatch):
+    import budgetlm.model as model_module
+
+    calls = []
+    real = model_module.explicit_attention
+    monkeypatch.setattr(model_module, "explicit_attention", lambda *a: calls.append(a[0].size(-2)) or real(*a))
+    model = build(tiny(seq_len=model_module.EXPLICIT_MAX_KEYS + 64))
+    model(torch.randint(0, 100, (1, 16)))
+    model(torch.randint(0, 100, (1, model_module.EXPLICIT_MAX_KEYS + 64)))  # too long: SDPA
+    build(tiny(attention="sdpa"))(torch.randint(0, 100, (1, 16)))
+    assert calls == [16, 16]  # one call per layer for the short context, none otherwise

@@ -9,6 +9,7 @@ from torch import nn
 
 from budgetlm.config import TrainConfig
 from budgetlm.errors import UserError
+from budgetlm.muon import Muon
 from budgetlm.optim import SCHEDULES, batch_size_at, build_optimizer, lr_at, lr_multiplier, param_groups, set_lr
 
 
@@ -178,7 +179,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     opt = build_optimizer(m, TrainConfig(optimizer="muon", lr=2e-2), "cpu")
     assert isinstance(opt, HybridOptimizer)
     adamw, muon = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     hidden = {id(p) for n, p in m.named_parameters() if n.startswith("layers.") and p.ndim == 2}
     assert _ids(p for g in muon.param_groups for p in g["params"]) == hidden
     assert id(m.tok_embeddings.weight) in _ids(p for g in adamw.param_groups for p in g["params"])
@@ -187,6 +188,28 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     set_lr(opt, 2e-2)
     losses = _steps(m, opt, 20, same_batch=True)
     assert losses[-1] < 0.5 * losses[0]  # it learns (memorises one batch)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
+@pytest.mark.parametrize("adjust_lr_fn, nesterov", [("match_rms_adamw", True), ("original", False)])
+def test_batched_muon_equals_torch_muon(adjust_lr_fn, nesterov):
+    """Same update as torch.optim.Muon, with tall, wide and square matrices stacked together."""
+    shapes = [(24, 8), (8, 24), (16, 16), (24, 8), (16, 16), (8, 8)]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    results = []
+    for cls in (Muon, torch.optim.Muon):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = cls(params, lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    for ours, theirs, before in zip(*results, start):
+        assert (ours - before).abs().max() > 0.01  # it moved
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)  # bf16 Newton-Schulz, batched or one by one
 
 
 def test_muon_state_round_trips_through_a_checkpoint(tmp_path):
@@ -211,6 +234,7 @@ def test_adamw8bit_keeps_8_bit_states_and_learns():
     torch.manual_seed(0)
     m = Transformer.build(ModelConfig(n_layer=1, n_embd=64, n_head=1, vocab_size=128, seq_len=16))
     opt = build_optimizer(m, TrainConfig(optimizer="adamw8bit", lr=1e-2), "cpu")
+    set_lr(opt, 1e-2)  # the loop sets the rate before every step; torchao keeps it as a tensor
     losses = _steps(m, opt, 20, same_batch=True)
     assert losses[-1] < 0.5 * losses[0]
     # torchao quantises tensors of 4096 values or more: the 128 x 64 embedding's moments are 8-bit

@@ -1,19 +1,21 @@
-"""Multi-process pretraining on CPU/gloo: FSDP2, tensor parallel, HSDP, pipelines (1F1B, GPipe)
-and hybrids match one process, resume under another layout, and bad degrees give one line.
+"""Multi-process pretraining on CPU/gloo: FSDP2, tensor parallel, HSDP, pipelines (1F1B, GPipe,
+interleaved 1F1B) and hybrids match one process, write sharded checkpoints (every rank its own
+files) that resume under another layout or process count, and bad degrees give one line.
 
 Every layout must reproduce the single-process losses with the same global batch. The tolerance
 is 1e-4 (absolute, on losses near 6 and on weights near 0.02): the math is the same but the
-order of floating-point sums is not (sharded all-reduces, tensor-parallel partial sums), which
-moves fp32 results by about 1e-6 per step; a wrong gradient, batch or optimizer state moves them
-by 1e-3 or more within two steps (the first real update already changes the loss by ~0.05).
+order of floating-point sums is not (sharded all-reduces, tensor-parallel partial sums, a pipeline's
+pieces), which moves fp32 results by about 1e-6 per step; a wrong gradient, batch or optimizer state
+moves them by 1e-3 or more within two steps (the first real update already changes the loss by ~0.05).
 
-Launches are shared (module-scoped runs): eleven launches in all, most on 4 processes.
+Launches are shared (two module-scoped fixtures): eleven launches in all, most on 4 processes.
 The schedule is constant, so a run stopped at step 4 and resumed with a longer budget continues
-exactly where a single run of 8 steps would be.
+exactly where a single run of 10 steps would be.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,11 +32,12 @@ pytestmark = pytest.mark.slow
 
 COMMON = [
     "auto=false",  # the planner times this device; every layout must train the very same model
-    "model.n_layer=2",
+    "model.n_layer=4",  # interleaved 1F1B on 2 ranks needs 4 stages
     "model.n_head=4",
     "model.n_embd=64",
     "model.seq_len=32",
     "model.tie_embeddings=false",
+    "model.qk_norm=true",  # tensor parallel replicates its per-head gains while q and k are split by heads
     "train.batch_tokens=512",
     "train.micro_batch=4",
     "train.log_every=1",
@@ -98,41 +101,117 @@ def assert_same_weights(run: Path, ref: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(prepared_bpe, tmp_path_factory):
-    """The launches, shared by the tests below."""
+    """The launches from scratch, shared by the tests below."""
     root = tmp_path_factory.mktemp("parallel")
     data = prepared_bpe
-    out = {"data": data}
-    out["single"] = pretrain(1, data, root / "single", "steps:8")
-    # 2 processes, each its own layout, for the first 4 steps
-    out["fsdp"] = pretrain(2, data, root / "fsdp", "steps:4", "parallel.dp_shard=-1", "parallel.activation_checkpointing=selective")
-    out["tp"] = pretrain(2, data, root / "tp", "steps:4", "parallel.tp=2")
-    # 4 processes: two hybrids
+    out = {"data": data, "root": root}
+    out["single"] = pretrain(1, data, root / "single", "steps:10")
+    # 4 processes, each its own layout, for the first 4 steps
+    out["fsdp"] = pretrain(4, data, root / "fsdp", "steps:4", "parallel.dp_shard=-1", "parallel.activation_checkpointing=selective")
     out["hsdp"] = pretrain(4, data, root / "hsdp", "steps:4", "parallel.dp_replicate=2", "parallel.dp_shard=2")
     out["fsdp_tp"] = pretrain(4, data, root / "fsdp_tp", "steps:4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.activation_checkpointing=full")
     out["pp_tp"] = pretrain(4, data, root / "pp_tp", "steps:4", "parallel.pp=2", "parallel.tp=2")  # 1F1B
     out["pp_fsdp"] = pretrain(4, data, root / "pp_fsdp", "steps:4", "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=GPipe")
-    # resumes under other layouts, continuing to step 8
-    out["fsdp_then_pp_tp"] = root / "fsdp_then_pp_tp"  # FSDP2 on 2 processes -> pipeline x TP on 4
-    shutil.copytree(out["fsdp"], out["fsdp_then_pp_tp"])
-    resume(4, out["fsdp_then_pp_tp"], "steps:8", "parallel.dp_shard=1", "parallel.pp=2", "parallel.tp=2", "parallel.activation_checkpointing=none")
-    out["pp_tp_then_1"] = root / "pp_tp_then_1"  # pipeline x TP on 4 processes -> 1 process
-    shutil.copytree(out["pp_tp"], out["pp_tp_then_1"])
-    resume(1, out["pp_tp_then_1"], "steps:8", "parallel.pp=1", "parallel.tp=1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """Sharded checkpoints resumed under other layouts (a second fixture: each stays within the test timeout)."""
+    root, out = runs["root"], {}
+    no_ac = "parallel.activation_checkpointing=none"
+    for name, source, nproc, budget, sets in (
+        ("fsdp_then_tp", "fsdp", 2, "steps:8", ("parallel.dp_shard=1", "parallel.tp=2", no_ac)),  # 4 -> 2 processes, FSDP2 -> TP
+        ("fsdp_then_1", "fsdp", 1, "steps:6", ("parallel.dp_shard=1", no_ac)),  # 4 -> 1
+        ("pp_then_tp", "pp_fsdp", 2, "steps:8", ("parallel.pp=1", "parallel.dp_shard=1", "parallel.tp=2")),  # pipeline stages -> none
+    ):
+        out[name] = root / name
+        shutil.copytree(runs[source], out[name])
+        resume(nproc, out[name], budget, *sets)
+    # the single-file checkpoint one process wrote at step 6 (the format before sharded ones) resumed by an
+    # interleaved 1F1B pipeline: 4 stages of one layer, ranks (0, 2) and (1, 3), FSDP2 over 2 replicas
+    out["file_then_interleaved"] = root / "file_then_interleaved"
+    shutil.copytree(out["fsdp_then_1"], out["file_then_interleaved"])
+    resume(4, out["file_then_interleaved"], "steps:10", "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=Interleaved1F1B")
     return out
 
 
 def test_sharded_layouts_match_one_process(runs):
     ref = losses(runs["single"])
-    assert sorted(ref) == list(range(1, 9))
-    for name in ("fsdp", "tp", "hsdp", "fsdp_tp", "pp_tp", "pp_fsdp"):
+    assert sorted(ref) == list(range(1, 11))
+    for name in ("fsdp", "hsdp", "fsdp_tp", "pp_tp", "pp_fsdp"):
         assert_same_losses(runs[name], ref, range(1, 5))
 
 
-def test_resume_under_another_layout_continues_the_curve(runs):
+def test_resume_under_another_layout_continues_the_curve(runs, resumed):
     ref = losses(runs["single"])
-    for name in ("fsdp_then_pp_tp", "pp_tp_then_1"):
-        assert_same_losses(runs[name], ref, range(1, 9))
-        assert_same_weights(runs[name], runs["single"])  # the consolidated model.safetensors
+    assert_same_losses(resumed["fsdp_then_1"], ref, range(1, 7))
+    for name in ("fsdp_then_tp", "pp_then_tp", "file_then_interleaved"):
+        assert_same_losses(resumed[name], ref, range(1, 9 if name != "file_then_interleaved" else 11))
+    # the consolidated model.safetensors: the same weights at step 8 from either layout, and at 10 as one process
+    assert_same_weights(resumed["fsdp_then_tp"], resumed["pp_then_tp"])
+    assert_same_weights(resumed["file_then_interleaved"], runs["single"])
+
+
+def _format(run: Path) -> str:
+    return json.loads((run / "checkpoint" / "state.json").read_text())["format"]
+
+
+def test_every_rank_writes_its_own_shards(runs):
+    """A 4-process FSDP2 checkpoint: four shard files, one per rank, each holding a quarter of every
+    matrix (no rank wrote, or held, the whole model); the whole model would be a single file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    d = runs["fsdp"] / "checkpoint"
+    assert _format(runs["fsdp"]) == "budgetlm-ckpt/2"
+    assert sorted(p.name for p in d.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert sorted(p.name for p in d.glob("rng-*.pt")) == [f"rng-{r}.pt" for r in range(4)]
+    assert not (d / "model.safetensors").exists() and not (d / "optimizer.pt").exists()
+    meta = FileSystemReader(str(d)).read_metadata()
+    whole = sum(m.size.numel() * 4 for k, m in meta.state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size"))
+    per_file: dict[str, int] = {}
+    files_of: dict[str, set] = {}
+    for index, info in meta.storage_data.items():
+        if index.fqn.startswith("model."):
+            per_file[info.relative_path] = per_file.get(info.relative_path, 0) + info.length
+            files_of.setdefault(index.fqn, set()).add(info.relative_path)
+    assert len(per_file) == 4 and all(0 < n < 0.4 * whole for n in per_file.values()), (per_file, whole)
+    assert len(files_of["model.layers.0.attention.wq.weight"]) == 4  # every rank wrote its own rows
+    assert any(k.startswith("optimizer.state.layers.0.") for k in meta.state_dict_metadata)
+
+
+def test_interleaved_checkpoint_loads_on_one_process(runs, resumed):
+    """The interleaved pipeline's sharded checkpoint (step 10, resumed from a single-file one) holds
+    the whole model under its own names: one process loads it and has the single-process weights
+    and optimizer step."""
+    from budgetlm import checkpoint as C
+    from budgetlm.config import TrainConfig
+    from budgetlm.optim import build_optimizer
+
+    assert _format(resumed["fsdp_then_1"]) == "budgetlm-ckpt/1" and _format(resumed["file_then_interleaved"]) == "budgetlm-ckpt/2"
+    run = load_run(resumed["file_then_interleaved"])
+    opt = build_optimizer(run.model, TrainConfig(optimizer="adamw"), "cpu")
+    loop = C.load_checkpoint(resumed["file_then_interleaved"] / "checkpoint", run.model, opt, restore_rng=False)
+    assert loop["loop"]["step"] == 10 and loop["layout"]["pp"] == 2 and loop["layout"]["dp_shard"] == 2
+    assert all(int(s["step"]) == 10 for s in opt.state_dict()["state"].values())
+    ref = load_run(runs["single"]).model.state_dict()
+    assert max(float((v - ref[k]).abs().max()) for k, v in run.model.state_dict().items()) < TOL
+
+
+def test_sharded_checkpoint_of_another_model_is_one_line(runs, tmp_path):
+    from budgetlm import checkpoint as C
+    from budgetlm.errors import UserError
+    from budgetlm.model import Transformer
+
+    cfg = load_run(runs["fsdp"]).config.model
+    cfg.n_embd = 32
+    with pytest.raises(UserError, match=r"does not match this model: 'tok_embeddings.weight' has shape \(512, 64\) there but \(512, 32\) here"):
+        C.load_checkpoint(runs["fsdp"] / "checkpoint", Transformer.build(cfg), restore_rng=False)
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(runs["fsdp"] / "checkpoint", broken)
+    (broken / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="unreadable"):
+        C.load_checkpoint(broken, load_run(runs["fsdp"]).model, restore_rng=False)
 
 
 def test_consolidated_weights_serve_eval_and_generate(runs, capsys):
@@ -171,3 +250,30 @@ def test_sharded_checkpoint_loads_on_one_process(runs, tmp_path):
     assert loop["loop"]["step"] == 4 and loop["layout"]["tp"] == 2 and loop["layout"]["world_size"] == 4
     assert all(int(s["step"]) == 4 for s in opt.state_dict()["state"].values())
     assert torch.isfinite(next(iter(opt.state.values()))["exp_avg"]).all()
+
+
+def test_sharded_checkpoint_without_a_newer_group_setting_loads(runs, tmp_path):
+    """torch adds optimizer settings across versions (the GPU machines run another torch than this
+    one): a setting the writer's torch lacked keeps this optimizer's value; the state itself loads."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from budgetlm import checkpoint as C
+    from budgetlm.config import TrainConfig
+    from budgetlm.optim import build_optimizer
+
+    d = tmp_path / "checkpoint"
+    shutil.copytree(runs["fsdp"] / "checkpoint", d)
+    meta = FileSystemReader(str(d)).read_metadata()
+    dropped = [k for k in meta.state_dict_metadata if k.startswith("optimizer.param_groups.") and k.endswith(".maximize")]
+    assert dropped
+    for k in dropped:
+        del meta.state_dict_metadata[k]
+    (d / ".metadata").write_bytes(pickle.dumps(meta))
+    run = load_run(runs["fsdp"])
+    opt = build_optimizer(run.model, TrainConfig(optimizer="adamw"), "cpu")
+    C.load_checkpoint(d, run.model, opt, restore_rng=False)
+    state = opt.state_dict()
+    assert len(state["state"]) == len(list(run.model.parameters())) and all(int(s["step"]) == 4 for s in state["state"].values())
+    assert all(g["maximize"] is False for g in state["param_groups"])

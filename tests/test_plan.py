@@ -72,6 +72,22 @@ def test_time_budget_picks_the_lowest_predicted_loss_and_stops_past_it():
     assert {"model.n_layer", "model.vocab_size", "train.batch_tokens", "train.lr", "train.schedule"} <= keys
 
 
+def test_cpu_compile_is_chosen_only_where_its_time_on_the_clock_pays(monkeypatch):
+    monkeypatch.setattr(P, "have_cpp_compiler", lambda: True)
+    short, long = P.make_plan("90s", FakePlanner(vocab_cap=8192)), P.make_plan("20m", FakePlanner(vocab_cap=8192))
+    assert "compile" not in short.train and long.train["compile"] == "true"
+    assert "train.compile" in {r.key for r in long.reasons}
+    m = ModelConfig(**P.shape(long.model["n_layer"]), vocab_size=long.vocab_size)
+    eager_tokens = long.tokens_per_s / P.cpu_compile_speedup(m) * 20 * 60 * (1 - 0.03 - P.EVAL_SHARE)
+    assert long.tokens < eager_tokens * P.cpu_compile_speedup(m)  # the compile's seconds are taken off the budget
+    assert long.tokens >= P.COMPILE_MIN_GAIN * eager_tokens * 0.99
+    assert P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_train={"compile": "false"}).train["compile"] == "false"
+    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_model={"objective": "masked"}).train
+    monkeypatch.setattr(P, "have_cpp_compiler", lambda: False)
+    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192)).train
+    assert P.cpu_compile_speedup(ModelConfig(n_embd=128)) > P.cpu_compile_speedup(ModelConfig(n_embd=512)) > 1
+
+
 def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
     planner = FakePlanner(vocab_cap=1024)
     plan = P.make_plan("24h", planner, fixed_model={"n_layer": 3, "n_embd": 96, "n_head": 3}, fixed_train={"lr": 1e-3, "optimizer": "adamw"})

@@ -153,6 +153,17 @@ def test_candidates_change_training_and_evaluate_plain_cross_entropy(prepared_bp
     assert math.isfinite(ev["val_loss"])
 
 
+def test_compiled_model_and_loss_train_like_eager(prepared_bpe, tmp_path):
+    """train.compile=true on one process compiles the model and its loss as one graph: same losses."""
+    losses = {}
+    for mode in ("false", "true"):
+        run = tmp_path / mode
+        assert main(tiny_args(prepared_bpe, run, "steps:4", f"train.compile={mode}", "train.precision=fp32")) == 0
+        losses[mode] = train_losses(run)
+    assert sorted(losses["true"]) == [1, 2, 3, 4]
+    assert all(abs(losses["true"][s] - losses["false"][s]) < 1e-4 for s in losses["false"]), losses
+
+
 def test_nonfinite_losses_are_skipped_then_rolled_back(prepared_bpe, tmp_path, monkeypatch):
     real_forward = Transformer.forward
     calls = {"n": 0}

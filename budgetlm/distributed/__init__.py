@@ -8,9 +8,9 @@ training loop never branches on the world size (nanochat's habit, with `print0` 
 
     process.py      the process group, collectives, DDP helpers (no_sync, unwrap_model)
     dims.py         ParallelDims (dp_replicate x dp_shard x tp x pp = world size) and the DeviceMesh
-    parallelize.py  parallelize(): tensor parallel -> activation checkpointing -> compile -> FSDP2 / DDP,
-                    then the pipeline schedule around this rank's stage
-    pipeline.py     stages (the model with other stages' layers deleted), GPipe / 1F1B schedules
+    parallelize.py  parallelize(): tensor parallel -> activation checkpointing -> compile -> FSDP2 / DDP
+    pipeline.py     stages (the model with other stages' layers deleted), GPipe / 1F1B / interleaved
+                    1F1B schedules around this rank's parallelised stages
 """
 
 from torch.nn.parallel import DistributedDataParallel as DDP
