@@ -61,6 +61,7 @@ class ModelConfig:
     )
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
+    logit_softcap: float = opt(0.0, "squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2: 30, nanochat: 15); 0 = off")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class TrainConfig:
     warmup: float = opt(0.02, "warm-up length as a fraction of the budget")
     cooldown: float = opt(0.2, "decay length of the wsd schedule as a fraction of the budget")
     batch_ramp: float = opt(0.0, "grow the batch linearly from 1/8 to full over this fraction of the budget; 0 = off")
+    seq_warmup: float = opt(0.0, "grow the context from seq_len/8 to seq_len over this fraction of the budget, same tokens per batch; 0 = off")
+    z_loss: float = opt(0.0, "weight of PaLM's z-loss, the mean of log(softmax normaliser)^2 (PaLM: 1e-4; included in the logged loss); 0 = off")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")

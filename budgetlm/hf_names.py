@@ -3,7 +3,7 @@
 budgetlm keeps Llama/torchtitan parameter names and the "rotate-half" rotary layout that HF
 Llama uses, so the conversion is a rename: no weight is permuted or reshaped. Used by the
 parity test and by `budgetlm export`. Only the Llama-shaped configuration maps (causal,
-RMSNorm, SwiGLU, no QK-norm, no embedding norm); anything else raises ValueError naming the field.
+RMSNorm, SwiGLU, no QK-norm, no embedding norm, no logit soft-cap); anything else raises ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
-    for field, want in (("objective", "causal"), ("norm", "rmsnorm"), ("mlp", "swiglu"), ("qk_norm", False), ("embed_norm", False)):
+    llama = {"objective": "causal", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "embed_norm": False, "logit_softcap": 0.0}
+    for field, want in llama.items():
         if getattr(cfg, field) != want:
             raise ValueError(f"only Llama-shaped models map to Hugging Face Llama: model.{field} is {getattr(cfg, field)!r}, needs {want!r}")
 

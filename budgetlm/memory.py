@@ -29,8 +29,8 @@ padded vocabulary V, element size e of the activations (2 under bf16/fp16 autoca
 - logits and loss: the output projection's logits in fp32 (B T V x 4), log-softmax's saved output
   (4 bytes) and, at the start of the backward pass, the gradient of the loss w.r.t. both: 12 bytes
   per token per vocabulary entry (autocast's bf16 logits are freed by `.float()` before), for the predicted
-  positions only (all tokens for causal, the masked ones for masked models). At width 128 and a
-  2048 vocabulary this is the biggest term.
+  positions only (all tokens for causal, the masked ones for masked models); a logit soft-cap keeps
+  tanh's output too (4 more). At width 128 and a 2048 vocabulary this is the biggest term.
 - activation checkpointing (`torch.utils.checkpoint` per block): 'full' keeps each block's fp32
   input (4C per token) and recomputes one block at a time in the backward pass; 'selective'
   checkpoints every second block (torchtitan's `selective_ac_option="2"`).
@@ -247,7 +247,7 @@ def estimate_memory(
 
     # -- logits and loss: fp32 logits, log-softmax output, and at backward start their gradients
     n_pred = N if model_cfg.objective == "causal" else math.ceil(N * mlm_rate)
-    logits_loss = int(n_pred * V / tp * 12)  # the low-precision logits are freed by .float(): never the peak
+    logits_loss = int(n_pred * V / tp * (12 + (4 if model_cfg.logit_softcap else 0)))  # low-precision logits freed by .float()
     if model_cfg.objective == "masked":
         logits_loss += int(n_pred * C * (4 + 4 + (2 if low else 0)))  # gathered hidden states, norm output, copy
 

@@ -55,6 +55,8 @@ def check_config(cfg: ModelConfig) -> None:
     n_kv = cfg.n_kv_head or cfg.n_head
     if cfg.n_head % n_kv:
         raise ValueError(f"model.n_head ({cfg.n_head}) must be a multiple of model.n_kv_head ({n_kv})")
+    if cfg.logit_softcap < 0:
+        raise ValueError(f"model.logit_softcap ({cfg.logit_softcap}) must be positive, or 0 for none")
 
 
 class KVCacheLike(Protocol):
@@ -227,19 +229,29 @@ class Block(nn.Module):
 # the loss, outside the model (a pipeline's last stage and tensor parallel's loss_parallel need it there)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 over targets that are not IGNORE_INDEX.
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy in fp32 over targets that are not IGNORE_INDEX, plus `z_loss` times the
+    mean of log(Z)^2, Z the softmax normaliser (PaLM, Chowdhery et al. 2022: it keeps log Z near 0
+    and the output logits from drifting; 1e-4 there).
 
     logits (B, T, V) against targets (B, T); or sparse logits (M, V) from the masked objective
     against the (B, T) targets whose M non-ignored entries they predict, in row-major order."""
     if logits.dim() == 2 and targets.dim() == 2:
         targets = targets[targets != IGNORE_INDEX]  # (M,), the order of forward's index_select
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    logits, targets = logits.flatten(0, -2).float(), targets.reshape(-1)  # (N, V), (N,)
+    if not z_loss:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    # cross-entropy = log Z - logit[target]: one logsumexp serves both terms
+    keep = targets != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)  # (N,) log Z
+    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
+    n = keep.sum()
+    return (((lse - picked) + z_loss * lse.square()) * keep).sum() / n
 
 
-def compute_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def compute_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
     """The training loss of a (possibly wrapped) Transformer on one batch."""
-    return lm_loss(model(idx, targets=targets), targets)
+    return lm_loss(model(idx, targets=targets), targets, z_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +385,8 @@ class Transformer(nn.Module):
         kv_cache: KVCacheLike | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, padded_vocab_size) in fp32 (the loss is `lm_loss`).
+        """idx (B, T) token ids -> logits (B, T, padded_vocab_size) in fp32 (the loss is `lm_loss`),
+        soft-capped to (-cap, cap) when `model.logit_softcap` is set.
 
         Masked objective with `targets` (B, T; IGNORE_INDEX = no loss): only the masked positions are
         normed and projected (Cramming's sparse prediction), giving (M, padded_vocab_size) logits in
@@ -387,7 +400,11 @@ class Transformer(nn.Module):
         if targets is not None and self.cfg.objective == "masked":
             keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
             x = x.reshape(-1, x.size(-1)).index_select(0, keep)  # (M, C)
-        return self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
+        logits = self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
+        if self.cfg.logit_softcap > 0:  # Gemma 2 (Team et al. 2024), nanochat: smooth bound on the logits
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     # -- accounting ----------------------------------------------------------------------------
 

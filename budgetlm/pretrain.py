@@ -15,6 +15,7 @@ config and gradient accumulation is derived from it, so 1 and 8 processes do the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -28,7 +29,7 @@ from budgetlm import checkpoint as ckpt
 from budgetlm.budget import Clock, hms, parse_budget
 from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, save_config
 from budgetlm.data.dataset import PreparedData
-from budgetlm.data.loader import DeviceBatches, TrainBatches
+from budgetlm.data.loader import DeviceBatches, TrainBatches, seq_len_at, split_windows
 from budgetlm.data.masking import mask_tokens
 from budgetlm.data.vocab import can_derive, derive_vocabulary, derived_path
 from budgetlm.distributed import (
@@ -92,6 +93,16 @@ def check_config(cfg: RunConfig) -> None:
     if t.batch_tokens < m.seq_len:
         raise UserError(f"train.batch_tokens={t.batch_tokens} is smaller than one sequence (model.seq_len={m.seq_len})")
     check_schedule(t)  # warm-up, cool-down, ramp and min_lr_ratio: before anything is written
+    if not 0.0 <= t.seq_warmup < 1.0:
+        raise UserError(f"train.seq_warmup must be a fraction of the budget in [0, 1), got {t.seq_warmup}")
+    if t.z_loss < 0:
+        raise UserError(f"train.z_loss={t.z_loss} must be >= 0")
+    if m.logit_softcap < 0:
+        raise UserError(f"model.logit_softcap={m.logit_softcap} must be > 0, or 0 for none")
+    if cfg.parallel.pp > 1 and (t.seq_warmup or t.z_loss):  # the pipeline's schedule owns the loss and fixes the shapes
+        raise UserError("parallel.pp > 1 does not support train.seq_warmup or train.z_loss yet")
+    if cfg.parallel.tp > 1 and cfg.parallel.loss_parallel and t.z_loss:
+        raise UserError("train.z_loss needs whole logits: set parallel.loss_parallel=false with parallel.tp > 1")
     if not 0 < t.mlm_rate < 1:
         raise UserError(f"train.mlm_rate={t.mlm_rate} must be in (0, 1)")
     if not 0 <= cfg.budget.reserve < 0.5:
@@ -344,6 +355,7 @@ class Trainer:
     peak: float
     peak_source: str
     cost: dict = field(default_factory=lambda: {"eval": 0.0, "save": 0.0})  # seconds of the last evaluation / save
+    seq_len: int = 0  # this step's training sequence length (train.seq_warmup); 0 until fit sets it
 
     @property
     def device(self) -> torch.device:
@@ -357,7 +369,10 @@ class Trainer:
 
     def next_batch(self):
         ids = self.loader.sample_ids(self.micro) if self.cfg.model.objective == "masked" else None
-        return make_batch(self.loader.next(self.micro), self.cfg, self.data.tokenizer, ids)
+        x, y = make_batch(self.loader.next(self.micro), self.cfg, self.data.tokenizer, ids)
+        if self.seq_len < self.cfg.model.seq_len:  # sequence-length warm-up: the same tokens in shorter pieces
+            x, y = split_windows(x, self.seq_len), split_windows(y, self.seq_len)
+        return x, y
 
     def timed(self, kind: str, fn, *a, **kw):
         """Run fn, remember its duration, and keep that much of the budget free for the end."""
@@ -518,9 +533,9 @@ def announce(t: Trainer, resume: bool) -> None:
         t.timed("save", t.save)  # a step-0 checkpoint: resume and NaN rollback always have somewhere to go
 
 
-def _loss(model, batch) -> torch.Tensor:
+def _loss(model, batch, z_loss: float = 0.0) -> torch.Tensor:
     x, y = batch
-    return compute_loss(model, x, y)
+    return compute_loss(model, x, y, z_loss)
 
 
 def fit(t: Trainer) -> None:
@@ -528,7 +543,10 @@ def fit(t: Trainer) -> None:
     cfg, state, clock = t.cfg, t.state, t.clock
     flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
-    loss_fn = torch.compile(_loss) if t.par.compiled == "model+loss" else _loss  # compiles on the first step, on the clock
+    loss_fn = functools.partial(_loss, z_loss=cfg.train.z_loss)
+    if t.par.compiled == "model+loss":
+        loss_fn = torch.compile(loss_fn)  # compiles on the first step, on the clock
+    sp = t.dims.tp if t.dims.tp_enabled and cfg.parallel.sequence_parallel else 1  # lengths must split over the TP ranks
     clock.start()
     last_ckpt = time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
@@ -540,6 +558,7 @@ def fit(t: Trainer) -> None:
             lr = lr_at(progress, cfg.train) * state.lr_scale
             set_lr(t.optimizer, lr)
             accum = max(1, batch_size_at(progress, cfg.train, t.per_replica_seqs, t.micro) // t.micro)
+            t.seq_len = seq_len_at(progress, cfg.train.seq_warmup, cfg.model.seq_len, sp)
             result = train_step(
                 t.par.train_model, t.optimizer, t.batches.take(accum), loss_fn, n_micro=accum, params=params,
                 autocast=t.precision.autocast, scaler=t.scaler, grad_clip=cfg.train.grad_clip, loss_parallel=t.par.loss_parallel,
@@ -564,7 +583,7 @@ def fit(t: Trainer) -> None:
                 progress = clock.progress(tokens=state.tokens, steps=state.step)
                 t.metrics.log("train", state.step, loss=result.loss, lr=lr, tokens=state.tokens, tokens_per_s=tps, mfu=mfu,
                               grad_norm=result.grad_norm, elapsed=clock.elapsed(), progress=progress,
-                              batch_seqs=accum * t.micro * t.dims.dp)  # fmt: skip
+                              batch_seqs=accum * t.micro * t.dims.dp, seq_len=t.seq_len)  # fmt: skip
                 left = f", {hms(clock.remaining())} left" if clock.budget.kind == "time" else ""
                 print0(
                     f"step {state.step:6d} | loss {result.loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%} | "

@@ -9,7 +9,7 @@ import torch
 
 from budgetlm.config import PrepareConfig
 from budgetlm.data.dataset import PreparedData, TokenArray
-from budgetlm.data.loader import TrainBatches, val_batches
+from budgetlm.data.loader import TrainBatches, seq_len_at, split_windows, val_batches
 from budgetlm.data.prepare import prepare
 from budgetlm.errors import UserError
 
@@ -143,3 +143,27 @@ def test_loader_on_prepared_data(prepared_bpe):
     assert batch.shape == (4, 33) and int(batch.max()) < data.vocab_size
     val = next(val_batches(data.tokens("val"), 32, 256, 4))
     assert val.shape[1] == 33
+
+
+def test_seq_warmup_schedule():
+    assert seq_len_at(0.3, 0.0, 128) == 128  # off
+    lengths = [seq_len_at(p / 100, 0.5, 128) for p in range(101)]
+    assert lengths[0] == 16 and lengths[50:] == [128] * 51  # from seq_len/8, full from the end of the warm-up
+    assert lengths == sorted(lengths) and set(lengths) == {16, 32, 64, 128}  # grows through divisors of seq_len
+    # rounded down from the linear ramp 16 + 112 p / 0.5
+    assert seq_len_at(0.10, 0.5, 128) == 32 and seq_len_at(0.30, 0.5, 128) == 64 and seq_len_at(0.49, 0.5, 128) == 64
+    assert {seq_len_at(p / 20, 0.9, 96) for p in range(20)} == {12, 16, 24, 32, 48, 96}
+    assert all(n % 4 == 0 for n in (seq_len_at(p / 20, 0.9, 96, multiple=4) for p in range(20)))  # split over 4 TP ranks
+    assert seq_len_at(0.0, 0.5, 4) == 1 and seq_len_at(0.0, 0.5, 32, multiple=8) == 8
+
+
+def test_split_windows_keeps_every_input_target_pair():
+    loader = TrainBatches(ArrayTokens(1000), seq_len=16, seed=0)
+    w = loader.next(3)  # (3, 17)
+    x, y = w[:, :-1], w[:, 1:]
+    xs, ys = split_windows(x, 4), split_windows(y, 4)
+    assert xs.shape == ys.shape == (12, 4)
+    assert torch.equal(ys, xs + 1)  # ArrayTokens holds 0, 1, 2, ...: each target is the next token
+    assert torch.equal(xs.reshape(3, 16), x) and torch.equal(ys.reshape(3, 16), y)  # the same tokens, in order
+    with pytest.raises(ValueError, match="pieces of 5"):
+        split_windows(x, 5)

@@ -205,6 +205,54 @@ def test_heads_per_rank_come_from_the_weights():
     torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-5, rtol=1e-5)
 
 
+def test_logit_softcap_bounds_the_logits_and_is_the_tanh_formula():
+    raw = build(tiny(init_std=0.5)).eval()  # large weights: raw logits well beyond the cap
+    capped = build(tiny(init_std=0.5, logit_softcap=3.0)).eval()
+    capped.load_state_dict(raw.state_dict())
+    idx = torch.randint(0, 100, (2, 32))
+    r, c = raw(idx), capped(idx)
+    assert r.abs().max() > 6.0  # the cap bites
+    assert c.abs().max() < 3.0
+    torch.testing.assert_close(c, 3.0 * torch.tanh(r / 3.0))
+    # the masked objective's sparse logits are capped the same way
+    m_raw, m_cap = (build(tiny(objective="masked", init_std=0.5, logit_softcap=s)).eval() for s in (0.0, 3.0))
+    m_cap.load_state_dict(m_raw.state_dict())
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    targets[:, ::3] = 7
+    torch.testing.assert_close(m_cap(idx, targets=targets), 3.0 * torch.tanh(m_raw(idx, targets=targets) / 3.0))
+    with pytest.raises(ValueError, match="logit_softcap"):
+        Transformer(tiny(logit_softcap=-1.0))
+
+
+def test_z_loss_value_and_gradient():
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 6, 50, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 50, (4, 6))
+    targets[:, ::4] = IGNORE_INDEX
+    keep = targets != IGNORE_INDEX
+
+    def reference(x):
+        lse = torch.logsumexp(x[keep], dim=-1)
+        return F.cross_entropy(x[keep], targets[keep]) + 1e-2 * lse.square().mean()
+
+    ours = lm_loss(logits, targets, z_loss=1e-2)
+    ref = reference(logits)
+    torch.testing.assert_close(ours, ref.float())
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g_ours, g_ref.float().to(g_ours.dtype), atol=1e-7, rtol=1e-5)
+    # the z term pulls log Z towards 0: its own gradient is 2 c log Z softmax(x) per kept row
+    lse = torch.logsumexp(logits.detach(), dim=-1)
+    (g_z,) = torch.autograd.grad(lm_loss(logits, targets, z_loss=1e-2) - lm_loss(logits, targets), logits)
+    expected = 2 * 1e-2 * lse.unsqueeze(-1) * torch.softmax(logits.detach(), -1) * keep.unsqueeze(-1) / keep.sum()
+    torch.testing.assert_close(g_z, expected.float().to(g_z.dtype), atol=1e-7, rtol=1e-4)
+    # off: exactly the cross-entropy
+    assert torch.equal(lm_loss(logits, targets), F.cross_entropy(logits.reshape(-1, 50).float(), targets.reshape(-1)))
+    # sparse masked logits (M, V) pair with the (B, T) targets as without the z term
+    sparse = logits.detach()[keep]
+    torch.testing.assert_close(lm_loss(sparse, targets, z_loss=1e-2), ref.detach().float())
+
+
 @pytest.mark.parametrize("objective, n_kv_head, autocast", [("causal", 0, False), ("causal", 2, True), ("masked", 0, False)])
 def test_explicit_attention_equals_sdpa(objective, n_kv_head, autocast):
     """The CPU fast path for short contexts computes what SDPA computes: same loss, same gradients."""

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from budgetlm.cli import main
+from budgetlm.data.loader import seq_len_at
 from budgetlm.model import Transformer
 from budgetlm.pretrain import pretrain, resolve_config
 from budgetlm.run import load_run
@@ -99,9 +100,13 @@ def _bytes_per_token(run: Path) -> float:
     return data["bytes"] / data["tokens"]
 
 
-def test_resume_after_kill_matches_uninterrupted(prepared_bpe, tmp_path):
+CANDIDATES = ["train.seq_warmup=0.5", "train.z_loss=1e-3", "model.logit_softcap=10"]
+
+
+@pytest.mark.parametrize("options", [[], CANDIDATES], ids=["defaults", "seq-warmup-z-loss-softcap"])
+def test_resume_after_kill_matches_uninterrupted(prepared_bpe, tmp_path, options):
     """SIGKILL a run mid-way (checkpointing every step), resume it, and get the same losses."""
-    budget, extra = "steps:40", ["train.checkpoint_every=0"]
+    budget, extra = "steps:40", ["train.checkpoint_every=0", *options]
     cmd = [sys.executable, "-m", "budgetlm"]
     full = tmp_path / "full"
     subprocess.run(cmd + tiny_args(prepared_bpe, full, budget, *extra), env=subprocess_env(), check=True, capture_output=True)
@@ -124,6 +129,28 @@ def test_resume_after_kill_matches_uninterrupted(prepared_bpe, tmp_path):
     assert torch.equal(load_run(full).model.output.weight, load_run(killed).model.output.weight)
 
     assert main(["pretrain", "--resume", str(killed)]) == 0  # a finished run says so and exits cleanly
+    if options:  # the killed run resumed mid-warm-up: every step trained at the scheduled length
+        lengths = {r["step"]: r["seq_len"] for r in read_metrics(killed) if r["kind"] == "train"}
+        assert lengths == {s: seq_len_at((s - 1) / 40, 0.5, 32) for s in range(1, 41)}
+        assert set(lengths.values()) == {4, 8, 16, 32}
+        assert {r["tokens"] - 512 * r["step"] for r in read_metrics(killed) if r["kind"] == "train"} == {0}  # same tokens per batch
+
+
+def test_candidates_change_training_and_evaluate_plain_cross_entropy(prepared_bpe, tmp_path):
+    """Each option alters the trained weights; evaluation stays the cross-entropy of the (capped) logits."""
+    runs = {}
+    for name, option in [("base", None), *((o.split("=")[0], o) for o in CANDIDATES)]:
+        cfg = resolve_config(None, "steps:6", [*TINY, "train.eval_every=0", *([option] if option else [])], str(prepared_bpe))
+        pretrain(cfg, tmp_path / name)
+        runs[name] = load_run(tmp_path / name)
+    w = {k: r.model.output.weight for k, r in runs.items()}
+    assert all(not torch.equal(w["base"], w[k]) for k in w if k != "base")
+    run = runs["model.logit_softcap"]
+    assert run.config.model.logit_softcap == 10
+    x = torch.randint(0, 512, (2, 32))
+    assert run.model(x).abs().max() < 10
+    ev = json.loads((tmp_path / "train.z_loss" / "eval.json").read_text())
+    assert math.isfinite(ev["val_loss"])
 
 
 def test_compiled_model_and_loss_train_like_eager(prepared_bpe, tmp_path):
@@ -212,6 +239,10 @@ def test_bad_input_gives_one_line_and_exit_2(prepared_bpe, tmp_path, capsys):
     fails(["pretrain", "--resume", str(tmp_path / "missing"), "--set", "train.lr=1"], "--resume continues a run with its own config")
     fails(tiny_args(prepared_bpe, tmp_path / "r8", "steps:2", "train.warmup=1.0"), "train.warmup")
     fails(tiny_args(prepared_bpe, tmp_path / "r9", "steps:2", "train.min_lr_ratio=2"), "train.min_lr_ratio")
+    fails(tiny_args(prepared_bpe, tmp_path / "r11", "steps:2", "train.seq_warmup=1"), "train.seq_warmup")
+    fails(tiny_args(prepared_bpe, tmp_path / "r12", "steps:2", "train.z_loss=-1"), "train.z_loss")
+    fails(tiny_args(prepared_bpe, tmp_path / "r13", "steps:2", "model.logit_softcap=-1"), "model.logit_softcap")
+    fails(tiny_args(prepared_bpe, tmp_path / "r14", "steps:2", "parallel.pp=2", "train.z_loss=1e-4"), "parallel.pp > 1 does not support")
     fails(tiny_args(prepared_bpe, tmp_path / "r10", "steps:2", "parallel.tp=2"), "parallel degrees dp_replicate=? x dp_shard=1 x tp=2 x pp=1")
     for bad in ("r8", "r9", "r10"):
         assert not (tmp_path / bad).exists(), f"{bad}: nothing may be written before the settings are checked"

@@ -96,6 +96,37 @@ class TrainBatches:
         self._pos = int(state["pos"])
 
 
+SEQ_WARMUP_START = 1 / 8  # the sequence-length warm-up starts at this fraction of the context
+
+
+def seq_len_at(progress: float, warmup: float, seq_len: int, multiple: int = 1) -> int:
+    """The training sequence length at budget `progress` under a sequence-length warm-up.
+
+    With `warmup` = w > 0 the length grows linearly from `seq_len / 8` at progress 0 to `seq_len`
+    at progress w (Li et al. 2022, "The Stability-Efficiency Dilemma": short sequences early,
+    the same tokens per batch), rounded down to a divisor of `seq_len` that is a multiple of
+    `multiple` (sequence parallelism splits the length over ranks), so a full-length window is
+    cut into whole shorter ones. Returns `seq_len` when the warm-up is off or over."""
+    p = min(1.0, max(0.0, float(progress)))
+    if warmup <= 0.0 or p >= warmup:
+        return seq_len
+    start = seq_len * SEQ_WARMUP_START
+    target = start + (seq_len - start) * (p / warmup)
+    fits = [d for d in range(multiple, seq_len + 1, multiple) if seq_len % d == 0 and d <= target]
+    return max(fits) if fits else min(d for d in range(multiple, seq_len + 1, multiple) if seq_len % d == 0)
+
+
+def split_windows(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T) -> (B * T / length, length): each row cut into consecutive pieces of `length` tokens.
+
+    Inputs and targets cut the same way keep every (input, target) pair of the batch, each piece
+    seeing only its own earlier tokens: the same tokens per batch at a shorter context."""
+    B, T = t.shape
+    if T % length:
+        raise ValueError(f"a sequence of {T} tokens does not cut into pieces of {length}")
+    return t.reshape(B * (T // length), length)
+
+
 def val_batches(tokens, seq_len: int, n_tokens: int, batch_size: int) -> Iterator[torch.Tensor]:
     """The first `n_tokens` of a split as fixed contiguous windows (same every call).
 
