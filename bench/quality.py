@@ -437,13 +437,6 @@ def queue(path: Path, pin: bool = True, results: Path = RESULTS) -> None:
 
 def run_budgetlm(corpus: str, budget_s: float, sets: list[str], pin: bool = True, results: Path = RESULTS, label: str = "") -> dict:
     """`data prepare` with defaults (untimed) and `pretrain --budget` with no recipe (timed), scored on the held-out text."""
-    import torch
-    from scoring import bits_per_byte, token_stream
-
-    from budgetlm.data.clean import clean_text
-    from budgetlm.run import load_run
-
-    torch.set_num_threads(1)
     work = split(corpus)
     commit = git_commit()
     bl = Path(sys.executable).with_name("budgetlm")
@@ -465,6 +458,26 @@ def run_budgetlm(corpus: str, budget_s: float, sets: list[str], pin: bool = True
         subprocess.run([*timed_prefix(pin), *cmd], check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache})
     pretrain_wall = time.time() - t1
 
+    record = score_budgetlm(corpus, budget_s, run_dir, sets, label or f"defaults @ {commit}", pin, cmd, prepare_s, pretrain_wall)
+    append_result(record, results)
+    own = record["own"].get("val_bpb")
+    log(f"budgetlm {corpus} {budget_s:g}s: {record['config_label']}, {record['steps']} steps, bpb {record['heldout_bpb']:.4f} (own val {own})")
+    return record
+
+
+def score_budgetlm(
+    corpus: str, budget_s: float, run_dir: Path, sets: list[str], label: str, pin: bool = True, cmd: list[str] | None = None,
+    prepare_s: float | None = None, pretrain_wall: float | None = None,
+) -> dict:
+    """The record of a finished budgetlm run: its summary and its held-out bits per byte."""
+    import torch
+    from scoring import bits_per_byte, token_stream
+
+    from budgetlm.data.clean import clean_text
+    from budgetlm.run import load_run
+
+    torch.set_num_threads(1)
+    work = WORK / corpus
     run = load_run(run_dir)
     env = json.loads((run_dir / "env.json").read_text(encoding="utf-8")) if (run_dir / "env.json").exists() else {}
     end = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "end"]
@@ -481,20 +494,18 @@ def run_budgetlm(corpus: str, budget_s: float, sets: list[str], pin: bool = True
     m, tc = run.config.model, run.config.train
     own = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")) if (run_dir / "eval.json").exists() else {}
     record = {
-        "system": "budgetlm", "corpus": corpus, "budget_s": budget_s, "label": label or f"defaults @ {commit}",
+        "system": "budgetlm", "corpus": corpus, "budget_s": budget_s, "label": label,
         "config": {"sets": sets, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "vocab": tok.vocab_size, "seq_len": m.seq_len,
                    "batch_tokens": run.config.train.batch_tokens, "lr": run.config.train.lr, "schedule": run.config.train.schedule},
         "config_label": f"{m.n_layer}x{m.n_embd} h{m.n_head} V{tok.vocab_size} B{tc.batch_tokens} T{m.seq_len} lr{tc.lr:g}",
         "steps": summary.get("steps"), "tokens": summary.get("tokens"), "train_s": summary.get("elapsed_s"),
         "budget_used": summary.get("budget_used"), "compile": run.config.train.compile,
-        "params": summary.get("params"), "pretrain_wall_s": round(pretrain_wall, 1), "prepare_s": round(prepare_s, 1),
+        "params": summary.get("params"), "pretrain_wall_s": pretrain_wall and round(pretrain_wall, 1), "prepare_s": prepare_s and round(prepare_s, 1),
         "heldout_bpb": round(score["bpb"], 5), "heldout": score, "score_s": round(time.time() - t2, 1), "own": own,
         "torch_threads": env.get("torch_threads", env.get("environment", {}).get("torch_threads")), "run_dir": str(run_dir.relative_to(ROOT)),
         "threads": DEVICE_NOTE if pin else "unpinned", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "command": shlex.join(cmd),
+        "versions": versions(), "command": shlex.join(cmd) if cmd else None,
     }  # fmt: skip
-    append_result(record, results)
-    log(f"budgetlm {corpus} {budget_s:g}s: {record['config_label']}, {record['steps']} steps, bpb {score['bpb']:.4f} (own val {own.get('val_bpb')})")
     return record
 
 
@@ -611,6 +622,12 @@ def main(argv=None) -> int:
             s.add_argument("--configs", help="a JSON file: a list of HF config overrides")
         if name == "budgetlm":
             s.add_argument("--set", action="append", default=[], help="extra pretrain override key=value")
+    s = sub.add_parser("record", help="score and record a finished budgetlm run (e.g. one whose scoring was interrupted)")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--budget", type=float, required=True)
+    s.add_argument("--run", required=True)
+    s.add_argument("--label", required=True)
+    s.add_argument("--results", default=str(RESULTS))
     s = sub.add_parser("queue")
     s.add_argument("file")
     s.add_argument("--no-pin", action="store_true")
@@ -629,6 +646,8 @@ def main(argv=None) -> int:
         sweep(a.corpus, a.budget, configs, not a.no_pin, Path(a.results))
     elif a.cmd == "budgetlm":
         run_budgetlm(a.corpus, a.budget, a.set, not a.no_pin, Path(a.results), a.label)
+    elif a.cmd == "record":
+        append_result(score_budgetlm(a.corpus, a.budget, Path(a.run).absolute(), [], a.label), Path(a.results))
     elif a.cmd == "queue":
         queue(Path(a.file), not a.no_pin, Path(a.results))
     elif a.cmd == "report":
