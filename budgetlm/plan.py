@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -184,10 +185,14 @@ def cpu_compile_speedup(cfg: ModelConfig) -> float:
 
 
 def have_cpp_compiler() -> bool:
+    """What torch.compile's CPU backend needs: a C++ compiler and Python's headers (inductor builds
+    extension modules)."""
     import os
     import shutil
+    import sysconfig
 
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return headers.is_file() and any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
 
 
 def micro_batch_for(batch_seqs: int, seq_len: int, device_type: str) -> int:
@@ -304,8 +309,8 @@ class Planner:
             return False
         if preference == "true":
             return True
-        if cfg.objective != "causal" or not have_cpp_compiler():
-            return False
+        if cfg.objective != "causal" or self.world_size > 1 or not have_cpp_compiler():
+            return False  # measured for one process only
         return (seconds - cpu_compile_seconds(cfg)) * cpu_compile_speedup(cfg) >= COMPILE_MIN_GAIN * seconds
 
     def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool) -> float:

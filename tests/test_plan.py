@@ -83,6 +83,7 @@ def test_cpu_compile_is_chosen_only_where_its_time_on_the_clock_pays(monkeypatch
     assert long.tokens >= P.COMPILE_MIN_GAIN * eager_tokens * 0.99
     assert P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_train={"compile": "false"}).train["compile"] == "false"
     assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_model={"objective": "masked"}).train
+    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192, world_size=2)).train  # measured on one process
     monkeypatch.setattr(P, "have_cpp_compiler", lambda: False)
     assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192)).train
     assert P.cpu_compile_speedup(ModelConfig(n_embd=128)) > P.cpu_compile_speedup(ModelConfig(n_embd=512)) > 1
