@@ -18,6 +18,7 @@ import torch
 from budgetlm.cli import main
 from budgetlm.data.loader import seq_len_at
 from budgetlm.model import Transformer
+from budgetlm.plan import have_cpp_compiler
 from budgetlm.pretrain import pretrain, resolve_config
 from budgetlm.run import load_run
 from budgetlm.tracking import read_metrics
@@ -153,6 +154,7 @@ def test_candidates_change_training_and_evaluate_plain_cross_entropy(prepared_bp
     assert math.isfinite(ev["val_loss"])
 
 
+@pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler and Python's headers")
 def test_compiled_model_and_loss_train_like_eager(prepared_bpe, tmp_path):
     """train.compile=true on one process compiles the model and its loss as one graph: same losses."""
     losses = {}
