@@ -56,7 +56,7 @@ class ModelConfig:
     attention: str = opt(
         "auto",
         "attention kernel: sdpa (PyTorch's fused kernels), explicit (matmul, softmax, matmul: faster on CPUs for short contexts), "
-        "auto (explicit on CPU up to 512 keys, sdpa otherwise); the same math either way",
+        "auto (explicit on CPU in bf16/fp16 up to 512 keys, sdpa otherwise); the same math either way",
         ("auto", "sdpa", "explicit"),
     )
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")

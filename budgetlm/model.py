@@ -103,11 +103,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-# Up to this many keys, `model.attention=auto` computes attention explicitly on CPUs. Measured on one
-# core of an AMD EPYC (torch 2.13, bf16 autocast, head size 64, forward + backward, a fixed number
-# of tokens): at 128 keys explicit took 4.9 ms against 7.8-14.9 ms for SDPA's flash and math
-# kernels, at 256 8.8 against 13.6, at 512 19.0 against 25.1; at 1024 and more SDPA's flash
-# kernel wins and never holds the (T, T) score matrix.
+# Up to this many keys, `model.attention=auto` computes attention explicitly on CPUs in bf16/fp16.
+# Measured on one core of an AMD EPYC (torch 2.13, bf16 autocast, head size 64, forward + backward,
+# a fixed number of tokens): at 128 keys explicit took 4.9 ms against 7.8-14.9 ms for SDPA's flash
+# and math kernels, at 256 8.8 against 13.6, at 512 19.0 against 25.1; at 1024 and more SDPA's
+# flash kernel wins and never holds the (T, T) score matrix. In fp32 SDPA's kernel is as fast or
+# faster (a whole step 5-7% slower with explicit attention at 256 keys), so fp32 keeps SDPA.
 EXPLICIT_MAX_KEYS = 512
 
 
@@ -186,7 +187,8 @@ class Attention(nn.Module):
         attention dropout, which SDPA handles), on CPU for short contexts under `auto`."""
         if self.kernel == "sdpa" or kv_cache is not None or attn_mask is not None or (self.dropout and self.training):
             return False
-        return self.kernel == "explicit" or (q.device.type == "cpu" and k.size(-2) <= EXPLICIT_MAX_KEYS)
+        auto = q.device.type == "cpu" and q.dtype != torch.float32 and k.size(-2) <= EXPLICIT_MAX_KEYS
+        return self.kernel == "explicit" or auto
 
 
 class FeedForward(nn.Module):

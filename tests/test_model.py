@@ -277,7 +277,9 @@ def test_auto_attention_takes_the_explicit_path_only_for_short_cpu_training_cont
     real = model_module.explicit_attention
     monkeypatch.setattr(model_module, "explicit_attention", lambda *a: calls.append(a[0].size(-2)) or real(*a))
     model = build(tiny(seq_len=model_module.EXPLICIT_MAX_KEYS + 64))
-    model(torch.randint(0, 100, (1, 16)))
-    model(torch.randint(0, 100, (1, model_module.EXPLICIT_MAX_KEYS + 64)))  # too long: SDPA
-    build(tiny(attention="sdpa"))(torch.randint(0, 100, (1, 16)))
-    assert calls == [16, 16]  # one call per layer for the short context, none otherwise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 100, (1, 16)))
+        model(torch.randint(0, 100, (1, model_module.EXPLICIT_MAX_KEYS + 64)))  # too long: SDPA
+        build(tiny(attention="sdpa"))(torch.randint(0, 100, (1, 16)))
+    model(torch.randint(0, 100, (1, 16)))  # fp32: SDPA
+    assert calls == [16, 16]  # one call per layer for the short bf16 context, none otherwise
