@@ -3,8 +3,14 @@
 Same sizes, same batch, same precision, same optimizer (fused AdamW: the default `optim` of the
 Hugging Face Trainer on torch >= 2.8, and what budgetlm's optim.py builds), same weights (copied
 through budgetlm.hf_names, and checked to give the same logits). One timed step is forward +
-backward + optimizer step + zero_grad. Hugging Face computes its loss the way its users call it,
-`model(input_ids=x, labels=x)` (it shifts internally); budgetlm gets the shifted window.
+backward + optimizer step + zero_grad. Each side computes its loss the way its training loop does:
+budgetlm with `compute_loss(model, x, y)` on the shifted window (what `pretrain` calls), Hugging Face
+with `model(input_ids=x, labels=x)` (it shifts internally, as the Trainer calls it). Compiled rows
+compile the model together with its loss, as one graph: for budgetlm, `torch.compile` of pretrain's
+own loss function (what `train.compile` does on one process, `model+loss`); for Hugging Face,
+`torch.compile` of a function calling `model(input_ids=x, labels=x).loss`. Equal configuration:
+budgetlm with tied embeddings and no QK-norm, the Llama architecture (the planner's own defaults
+untie the head and add QK-norm, which HF Llama cannot express; those are not compared here).
 
 Honest timing: warm-up steps (and torch.compile's compilation) are untimed
 but reported; the variants are interleaved step by step through every repeat so a noisy
@@ -38,14 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from budgetlm.config import ModelConfig  # noqa: E402
 from budgetlm.hardware import measure_matmul_flops, peak_flops  # noqa: E402
 from budgetlm.hf_names import llama_config_kwargs, to_hf_llama_state_dict  # noqa: E402
-from budgetlm.model import Transformer  # noqa: E402
+from budgetlm.model import Transformer, compute_loss  # noqa: E402
+from budgetlm.pretrain import _loss as pretrain_loss  # noqa: E402  (pretrain's loss function, compiled as pretrain compiles it)
 
 # name -> (model sizes, micro-batch in sequences)
+# The tiny ones are what `budgetlm plan` picks on this CPU for short budgets: 2 x 128 (vocabulary
+# 2048, context 128) up to ~20 min, 3 x 192 (vocabulary 4096, context 256) at 1 h.
+LLAMA_SHAPED = dict(tie_embeddings=True, qk_norm=False)  # what HF LlamaForCausalLM computes
 CONFIGS = {
-    "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192), 8),
-    "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192), 4),
-    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257), 16),  # the gpt-124m-1gpu recipe's model
-    "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256), 2),  # bench/gpu.sh --dry-run
+    "cpu-0.7m": (dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, vocab_size=2048, **LLAMA_SHAPED), 16),
+    "cpu-3m": (dict(n_layer=3, n_head=3, n_embd=192, seq_len=256, vocab_size=4096, **LLAMA_SHAPED), 8),
+    "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192, **LLAMA_SHAPED), 8),
+    "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192, **LLAMA_SHAPED), 4),
+    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257, **LLAMA_SHAPED), 16),  # the gpt-124m-1gpu recipe's model
+    "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256, **LLAMA_SHAPED), 2),  # bench/gpu.sh --dry-run
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,15 +107,23 @@ def build_variants(
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    def hf_twin():
+        m = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(cfg), attn_implementation="sdpa")).to(device)
+        m.load_state_dict(to_hf_llama_state_dict(ours), strict=False)  # strict=False: the tied lm_head is re-tied, not loaded
+        return m
+
     torch.manual_seed(0)
     ours = Transformer.build(cfg, device)
-    hf = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(cfg), attn_implementation="sdpa")).to(device)
-    hf.load_state_dict(to_hf_llama_state_dict(ours), strict=False)
+    hf = hf_twin()
     window = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=device)
     x, y = window[:, :-1], window[:, 1:]
     with torch.no_grad():  # same weights, same function: the comparison is of implementations only
         diff = (ours(x[:1]) - hf(input_ids=x[:1]).logits.float()).abs().max().item()
-    assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
+        assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
+        # same loss: HF's shifted loss over T-1 positions is budgetlm's compute_loss on the same pairs
+        ours_loss = compute_loss(ours, x[:, :-1], x[:, 1:]).item()
+        hf_loss = hf(input_ids=x, labels=x).loss.item()
+        assert abs(ours_loss - hf_loss) < 1e-3, f"budgetlm loss {ours_loss} and HF loss {hf_loss} differ"
 
     low = DTYPES[dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
@@ -118,20 +138,26 @@ def build_variants(
 
         return Variant(name, model, step_fn, opt, scaler)
 
+    def hf_loss_fn(model, x):
+        return model(input_ids=x, labels=x).loss
+
     variants = []
-    ours_call = lambda m: m(x, y)
-    hf_call = lambda m: m(input_ids=x, labels=x).loss
+    ours_call = lambda m: pretrain_loss(m, (x, y))  # noqa: E731  compute_loss(model, x, y), as pretrain.fit calls it
+    hf_call = lambda m: hf_loss_fn(m, x)  # noqa: E731
     if eager:
         variants.append(make("budgetlm", ours, ours_call))
         if not no_hf:
             variants.append(make("hf", hf, hf_call))
+    # compiled rows get their own copies (same weights), so no two rows share parameters or optimizer state
     if compile_ours:
-        # a second copy so eager and compiled rows do not share optimizer state
         torch.manual_seed(0)
         twin = Transformer.build(cfg, device)
-        variants.append(make("budgetlm+compile", torch.compile(twin), ours_call))
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), ours.state_dict().values()))
+        compiled_loss = torch.compile(pretrain_loss)  # pretrain.fit with parallelize's "model+loss": one graph
+        variants.append(make("budgetlm+compile", twin, lambda m: compiled_loss(m, (x, y))))
     if compile_hf and not no_hf:
-        variants.append(make("hf+compile", torch.compile(hf), hf_call))
+        compiled_hf_loss = torch.compile(hf_loss_fn)  # HF's model and its loss as one graph, likewise
+        variants.append(make("hf+compile", hf_twin(), lambda m: compiled_hf_loss(m, x)))
     return variants
 
 
@@ -139,6 +165,7 @@ def measure_config(name: str, args, device: torch.device, dtype: str, peak: floa
     sizes, batch = CONFIGS[name]
     cfg = ModelConfig(**sizes)
     batch = args.batch or batch
+    torch._dynamo.reset()  # a fresh compile cache per config and dtype: no recompile limit reached across rows
     variants = build_variants(cfg, batch, device, dtype, args.compile, args.compile_hf, not args.no_eager, args.no_hf)
     failed = []
     for v in list(variants):  # untimed: first-call allocations, oneDNN primitive caches, compilation
@@ -247,7 +274,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "fp16", "both"], help="fp32, bf16 or fp16 autocast, or both (fp32 and bf16)")
-    p.add_argument("--configs", default="cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="cpu-0.7m,cpu-3m,cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--batch", type=int, default=0, help="micro-batch in sequences (default: per config)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd budgetlm row")
     p.add_argument("--compile-hf", action="store_true", help="add a torch.compile'd Hugging Face row")
