@@ -238,6 +238,10 @@ def load_average() -> list[float] | None:
         return None
 
 
+def ms(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     peaks = ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s ({result['peak_source'][k]})" for k, v in result["peak"].items())
@@ -264,10 +268,79 @@ def markdown(result: dict) -> str:
         vs = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x ({r['speedup_vs_hf_best']:.2f}x, {r['speedup_vs_hf_cpu_time']:.2f}x)"
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | {r['dtype']} | {r['variant']} | "
-            f"{r['step_ms_median']:.0f} ({r['step_ms_best']:.0f}) | {r['cpu_ms_median']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{ms(r['step_ms_median'])} ({ms(r['step_ms_best'])}) | {ms(r['cpu_ms_median'])} | {r['tokens_per_s']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {vs} | {r['warmup_s']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *summary(result["rows"])]) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """budgetlm's step rate over Hugging Face's at equal precision: eager against eager and
+    compiled against compiled (model and loss compiled as one graph on both sides)."""
+    by = {(r["config"], r["dtype"], r["variant"]): r for r in rows if "error" not in r}
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    pairs = [(d, "eager", "budgetlm", "hf") for d in dtypes] + [(d, "compiled", "budgetlm+compile", "hf+compile") for d in dtypes]
+    pairs = [p for p in pairs if any((c, p[0], p[2]) in by and (c, p[0], p[3]) in by for c in configs)]
+    if not pairs:
+        return []
+    out = [
+        "budgetlm steps/s over Hugging Face steps/s at equal precision, eager against eager and compiled against compiled",
+        "(HF step ms / budgetlm step ms, wall medians; by median process CPU time in brackets):",
+        "",
+        "| config | params | " + " | ".join(f"{d} {k}" for d, k, _, _ in pairs) + " |",
+        "|---|---|" + "---:|" * len(pairs),
+    ]
+    for c in configs:
+        cells, params = [], ""
+        for d, _, ours, hf in pairs:
+            a, b = by.get((c, d, ours)), by.get((c, d, hf))
+            if a and b:
+                params = f"{a['params'] / 1e6:.1f}M"
+                cells.append(f"{b['step_ms_median'] / a['step_ms_median']:.2f}x ({b['cpu_ms_median'] / a['cpu_ms_median']:.2f}x)")
+            else:
+                cells.append("-")
+        out.append(f"| {c} | {params} | " + " | ".join(cells) + " |")
+    return out
+
+
+def merge(parts: list[str], out: str) -> dict:
+    """One result from several runs (e.g. one locked run per config): rows in the order given, MFU
+    restated against the highest peak any part measured, every part's command and load kept."""
+    results = [json.loads(Path(p).read_text(encoding="utf-8")) for p in parts]
+    peaks = {}
+    for res in results:
+        for d, v in res["peak"].items():
+            peaks[d] = max(peaks.get(d, 0.0), v)
+    rows = []
+    for res in results:
+        for r in res["rows"]:
+            if "mfu" in r:
+                r = dict(r, mfu=round(r["mfu"] * res["peak"][r["dtype"]] / peaks[r["dtype"]], 4))
+            rows.append(r)
+    first = results[0]
+    env = dict(first["environment"], load_before=[res["environment"]["load_before"] for res in results],
+               load_after=[res["environment"]["load_after"] for res in results])  # fmt: skip
+    sources = {d: f"highest of the runs' {src}" for res in results for d, src in res["peak_source"].items()}
+    merged = dict(
+        command="; ".join(f"`{res['command']}`" for res in results).strip("`"),
+        date=" to ".join(dict.fromkeys([results[0]["date"], results[-1]["date"]])),
+        environment=env,
+        peak=peaks,
+        peak_source=sources,
+        rows=rows,
+        parts=[dict(command=res["command"], date=res["date"], peak=res["peak"]) for res in results],
+    )
+    write(merged, out)
+    return merged
+
+
+def write(result: dict, out: str) -> None:
+    """OUT.json and OUT.md (appended, not `with_suffix`: an OUT such as runs/cpu-0.7m keeps its dot)."""
+    base = str(out).removesuffix(".json").removesuffix(".md")
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    Path(base + ".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(base + ".md").write_text(markdown(result), encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -286,7 +359,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--peak-n", type=int, default=2048, help="CPU only: size of the square matmul that measures the peak FLOP/s")
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. bench/results/train_speed)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="PART.json", help="only merge these results (one run per config, say) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        print(markdown(merge(args.merge, args.out)))
+        return 0
 
     import transformers
 
@@ -323,10 +402,7 @@ def main(argv=None) -> int:
         rows=rows,
     )
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+        write(result, args.out)
     print(markdown(result))
     return 0
 
