@@ -3,8 +3,14 @@
 Same sizes, same batch, same precision, same optimizer (fused AdamW: the default `optim` of the
 Hugging Face Trainer on torch >= 2.8, and what budgetlm's optim.py builds), same weights (copied
 through budgetlm.hf_names, and checked to give the same logits). One timed step is forward +
-backward + optimizer step + zero_grad. Hugging Face computes its loss the way its users call it,
-`model(input_ids=x, labels=x)` (it shifts internally); budgetlm gets the shifted window.
+backward + optimizer step + zero_grad. Each side computes its loss the way its training loop does:
+budgetlm with `compute_loss(model, x, y)` on the shifted window (what `pretrain` calls), Hugging Face
+with `model(input_ids=x, labels=x)` (it shifts internally, as the Trainer calls it). Compiled rows
+compile the model together with its loss, as one graph: for budgetlm, `torch.compile` of pretrain's
+own loss function (what `train.compile` does on one process, `model+loss`); for Hugging Face,
+`torch.compile` of a function calling `model(input_ids=x, labels=x).loss`. Equal configuration:
+budgetlm with tied embeddings and no QK-norm, the Llama architecture (the planner's own defaults
+untie the head and add QK-norm, which HF Llama cannot express; those are not compared here).
 
 Honest timing: warm-up steps (and torch.compile's compilation) are untimed
 but reported; the variants are interleaved step by step through every repeat so a noisy
@@ -38,14 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from budgetlm.config import ModelConfig  # noqa: E402
 from budgetlm.hardware import measure_matmul_flops, peak_flops  # noqa: E402
 from budgetlm.hf_names import llama_config_kwargs, to_hf_llama_state_dict  # noqa: E402
-from budgetlm.model import Transformer  # noqa: E402
+from budgetlm.model import Transformer, compute_loss  # noqa: E402
+from budgetlm.pretrain import _loss as pretrain_loss  # noqa: E402  (pretrain's loss function, compiled as pretrain compiles it)
 
 # name -> (model sizes, micro-batch in sequences)
+# The tiny ones are what `budgetlm plan` picks on this CPU for short budgets: 2 x 128 (vocabulary
+# 2048, context 128) up to ~20 min, 3 x 192 (vocabulary 4096, context 256) at 1 h.
+LLAMA_SHAPED = dict(tie_embeddings=True, qk_norm=False)  # what HF LlamaForCausalLM computes
 CONFIGS = {
-    "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192), 8),
-    "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192), 4),
-    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257), 16),  # the gpt-124m-1gpu recipe's model
-    "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256), 2),  # bench/gpu.sh --dry-run
+    "cpu-0.7m": (dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, vocab_size=2048, **LLAMA_SHAPED), 16),
+    "cpu-3m": (dict(n_layer=3, n_head=3, n_embd=192, seq_len=256, vocab_size=4096, **LLAMA_SHAPED), 8),
+    "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192, **LLAMA_SHAPED), 8),
+    "cpu-30m": (dict(n_layer=8, n_head=8, n_embd=512, seq_len=512, vocab_size=8192, **LLAMA_SHAPED), 4),
+    "gpt2-124m": (dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257, **LLAMA_SHAPED), 16),  # the gpt-124m-1gpu recipe's model
+    "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256, **LLAMA_SHAPED), 2),  # bench/gpu.sh --dry-run
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,15 +107,23 @@ def build_variants(
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    def hf_twin():
+        m = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(cfg), attn_implementation="sdpa")).to(device)
+        m.load_state_dict(to_hf_llama_state_dict(ours), strict=False)  # strict=False: the tied lm_head is re-tied, not loaded
+        return m
+
     torch.manual_seed(0)
     ours = Transformer.build(cfg, device)
-    hf = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(cfg), attn_implementation="sdpa")).to(device)
-    hf.load_state_dict(to_hf_llama_state_dict(ours), strict=False)
+    hf = hf_twin()
     window = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=device)
     x, y = window[:, :-1], window[:, 1:]
     with torch.no_grad():  # same weights, same function: the comparison is of implementations only
         diff = (ours(x[:1]) - hf(input_ids=x[:1]).logits.float()).abs().max().item()
-    assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
+        assert diff < 1e-3, f"budgetlm and HF logits differ by {diff}"
+        # same loss: HF's shifted loss over T-1 positions is budgetlm's compute_loss on the same pairs
+        ours_loss = compute_loss(ours, x[:, :-1], x[:, 1:]).item()
+        hf_loss = hf(input_ids=x, labels=x).loss.item()
+        assert abs(ours_loss - hf_loss) < 1e-3, f"budgetlm loss {ours_loss} and HF loss {hf_loss} differ"
 
     low = DTYPES[dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
@@ -118,20 +138,26 @@ def build_variants(
 
         return Variant(name, model, step_fn, opt, scaler)
 
+    def hf_loss_fn(model, x):
+        return model(input_ids=x, labels=x).loss
+
     variants = []
-    ours_call = lambda m: m(x, y)
-    hf_call = lambda m: m(input_ids=x, labels=x).loss
+    ours_call = lambda m: pretrain_loss(m, (x, y))  # noqa: E731  compute_loss(model, x, y), as pretrain.fit calls it
+    hf_call = lambda m: hf_loss_fn(m, x)  # noqa: E731
     if eager:
         variants.append(make("budgetlm", ours, ours_call))
         if not no_hf:
             variants.append(make("hf", hf, hf_call))
+    # compiled rows get their own copies (same weights), so no two rows share parameters or optimizer state
     if compile_ours:
-        # a second copy so eager and compiled rows do not share optimizer state
         torch.manual_seed(0)
         twin = Transformer.build(cfg, device)
-        variants.append(make("budgetlm+compile", torch.compile(twin), ours_call))
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), ours.state_dict().values()))
+        compiled_loss = torch.compile(pretrain_loss)  # pretrain.fit with parallelize's "model+loss": one graph
+        variants.append(make("budgetlm+compile", twin, lambda m: compiled_loss(m, (x, y))))
     if compile_hf and not no_hf:
-        variants.append(make("hf+compile", torch.compile(hf), hf_call))
+        compiled_hf_loss = torch.compile(hf_loss_fn)  # HF's model and its loss as one graph, likewise
+        variants.append(make("hf+compile", hf_twin(), lambda m: compiled_hf_loss(m, x)))
     return variants
 
 
@@ -139,6 +165,7 @@ def measure_config(name: str, args, device: torch.device, dtype: str, peak: floa
     sizes, batch = CONFIGS[name]
     cfg = ModelConfig(**sizes)
     batch = args.batch or batch
+    torch._dynamo.reset()  # a fresh compile cache per config and dtype: no recompile limit reached across rows
     variants = build_variants(cfg, batch, device, dtype, args.compile, args.compile_hf, not args.no_eager, args.no_hf)
     failed = []
     for v in list(variants):  # untimed: first-call allocations, oneDNN primitive caches, compilation
@@ -211,6 +238,10 @@ def load_average() -> list[float] | None:
         return None
 
 
+def ms(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     peaks = ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s ({result['peak_source'][k]})" for k, v in result["peak"].items())
@@ -237,17 +268,86 @@ def markdown(result: dict) -> str:
         vs = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x ({r['speedup_vs_hf_best']:.2f}x, {r['speedup_vs_hf_cpu_time']:.2f}x)"
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | {r['dtype']} | {r['variant']} | "
-            f"{r['step_ms_median']:.0f} ({r['step_ms_best']:.0f}) | {r['cpu_ms_median']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{ms(r['step_ms_median'])} ({ms(r['step_ms_best'])}) | {ms(r['cpu_ms_median'])} | {r['tokens_per_s']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {vs} | {r['warmup_s']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *summary(result["rows"])]) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """budgetlm's step rate over Hugging Face's at equal precision: eager against eager and
+    compiled against compiled (model and loss compiled as one graph on both sides)."""
+    by = {(r["config"], r["dtype"], r["variant"]): r for r in rows if "error" not in r}
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    pairs = [(d, "eager", "budgetlm", "hf") for d in dtypes] + [(d, "compiled", "budgetlm+compile", "hf+compile") for d in dtypes]
+    pairs = [p for p in pairs if any((c, p[0], p[2]) in by and (c, p[0], p[3]) in by for c in configs)]
+    if not pairs:
+        return []
+    out = [
+        "budgetlm steps/s over Hugging Face steps/s at equal precision, eager against eager and compiled against compiled",
+        "(HF step ms / budgetlm step ms, wall medians; by median process CPU time in brackets):",
+        "",
+        "| config | params | " + " | ".join(f"{d} {k}" for d, k, _, _ in pairs) + " |",
+        "|---|---|" + "---:|" * len(pairs),
+    ]
+    for c in configs:
+        cells, params = [], ""
+        for d, _, ours, hf in pairs:
+            a, b = by.get((c, d, ours)), by.get((c, d, hf))
+            if a and b:
+                params = f"{a['params'] / 1e6:.1f}M"
+                cells.append(f"{b['step_ms_median'] / a['step_ms_median']:.2f}x ({b['cpu_ms_median'] / a['cpu_ms_median']:.2f}x)")
+            else:
+                cells.append("-")
+        out.append(f"| {c} | {params} | " + " | ".join(cells) + " |")
+    return out
+
+
+def merge(parts: list[str], out: str) -> dict:
+    """One result from several runs (e.g. one locked run per config): rows in the order given, MFU
+    restated against the highest peak any part measured, every part's command and load kept."""
+    results = [json.loads(Path(p).read_text(encoding="utf-8")) for p in parts]
+    peaks = {}
+    for res in results:
+        for d, v in res["peak"].items():
+            peaks[d] = max(peaks.get(d, 0.0), v)
+    rows = []
+    for res in results:
+        for r in res["rows"]:
+            if "mfu" in r:
+                r = dict(r, mfu=round(r["mfu"] * res["peak"][r["dtype"]] / peaks[r["dtype"]], 4))
+            rows.append(r)
+    first = results[0]
+    env = dict(first["environment"], load_before=[res["environment"]["load_before"] for res in results],
+               load_after=[res["environment"]["load_after"] for res in results])  # fmt: skip
+    sources = {d: f"highest of the runs' {src}" for res in results for d, src in res["peak_source"].items()}
+    merged = dict(
+        command="; ".join(f"`{res['command']}`" for res in results).strip("`"),
+        date=" to ".join(dict.fromkeys([results[0]["date"], results[-1]["date"]])),
+        environment=env,
+        peak=peaks,
+        peak_source=sources,
+        rows=rows,
+        parts=[dict(command=res["command"], date=res["date"], peak=res["peak"]) for res in results],
+    )
+    write(merged, out)
+    return merged
+
+
+def write(result: dict, out: str) -> None:
+    """OUT.json and OUT.md (appended, not `with_suffix`: an OUT such as runs/cpu-0.7m keeps its dot)."""
+    base = str(out).removesuffix(".json").removesuffix(".md")
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    Path(base + ".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(base + ".md").write_text(markdown(result), encoding="utf-8")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "fp16", "both"], help="fp32, bf16 or fp16 autocast, or both (fp32 and bf16)")
-    p.add_argument("--configs", default="cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="cpu-0.7m,cpu-3m,cpu-10m,cpu-30m", help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--batch", type=int, default=0, help="micro-batch in sequences (default: per config)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd budgetlm row")
     p.add_argument("--compile-hf", action="store_true", help="add a torch.compile'd Hugging Face row")
@@ -259,7 +359,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--peak-n", type=int, default=2048, help="CPU only: size of the square matmul that measures the peak FLOP/s")
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. bench/results/train_speed)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="PART.json", help="only merge these results (one run per config, say) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        print(markdown(merge(args.merge, args.out)))
+        return 0
 
     import transformers
 
@@ -296,10 +402,7 @@ def main(argv=None) -> int:
         rows=rows,
     )
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+        write(result, args.out)
     print(markdown(result))
     return 0
 

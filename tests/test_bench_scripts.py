@@ -51,3 +51,48 @@ def test_savers_bench_worker_runs_in_process():
         torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in savers.offload_refusal()
+
+
+def _train_speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "bench" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_train_speed(tmp_path, *extra):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "speed"
+        quick = ["--warmup", "1", "--steps", "1", "--repeats", "1", "--peak-n", "128"]
+        _train_speed().main(["--configs", "smoke", "--dtype", "fp32", *quick, "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    return {r["variant"]: r for r in rows}, out.with_suffix(".md").read_text()
+
+
+def test_train_speed_bench_smoke(tmp_path):
+    """bench/train_speed.py, eager, on a tiny model: budgetlm (through pretrain's loss function) and HF
+    both train with the same weights (the script asserts equal logits and equal loss) and get a row."""
+    pytest.importorskip("transformers")
+    rows, md = _run_train_speed(tmp_path)
+    assert set(rows) == {"budgetlm", "hf"} and rows["hf"]["speedup_vs_hf"] == 1.0
+    assert rows["budgetlm"]["step_ms_median"] > 0 and "| smoke |" in md
+    # the configs the planner picks for short CPU budgets, tied and without QK-norm like HF Llama
+    configs = _train_speed().CONFIGS
+    assert configs["cpu-0.7m"] == (dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, vocab_size=2048, tie_embeddings=True, qk_norm=False), 16)
+    assert all(sizes["tie_embeddings"] and not sizes["qk_norm"] for sizes, _ in configs.values())
+
+
+@pytest.mark.slow
+def test_train_speed_bench_compiled_rows(tmp_path):
+    """--compile / --compile-hf: each compiles its model together with its loss and gets a row."""
+    pytest.importorskip("transformers")
+    rows, _ = _run_train_speed(tmp_path, "--compile", "--compile-hf", "--no-eager")
+    assert set(rows) == {"budgetlm+compile", "hf+compile"}
