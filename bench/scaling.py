@@ -29,7 +29,7 @@ Three measurements per layout, each on every rank:
 
 The analytic column is computed from the model's shapes (see `analytic`): DDP 2(n-1)/n x 4P;
 FSDP2 (n-1)/n x 4 x (2P + what is re-gathered in backward) -- about 3x the parameter bytes (the
-last block stays gathered after forward; the root is re-gathered, see `analytic`); tensor parallel 8 (t-1)/t x 4 N C per
+last block and the root stay gathered after forward, see `analytic`); tensor parallel 8 (t-1)/t x 4 N C per
 layer (with sequence parallel: four all-gathers / reduce-scatters of the (N, C) activations
 forward and four backward; without it four all-reduces) plus the embedding and output; a
 pipeline N x C x 4 bytes per stage boundary each way (activations forward, gradients backward).
@@ -324,10 +324,9 @@ def analytic(name: str, model: dict, global_seqs: int) -> dict:
         root = pc.embedding // tp
     P_here = layers_here * block + root
     if shard > 1:  # FSDP2: all-gather forward, again in backward for what was resharded, reduce-scatter
-        # budgetlm keeps the last block gathered after forward; the root (embedding, output, final norm) is
-        # resharded because `reshard_after_forward=True` is passed to it explicitly (torch's default, None,
-        # would keep the root gathered and save this all-gather)
-        regathered = (layers_here - 1) * block + root
+        # budgetlm keeps the last block gathered after forward, and the root (embedding, output, final norm)
+        # too: its `fully_shard` gets torch's default, None, which keeps the root gathered into backward
+        regathered = (layers_here - 1) * block
         f = (shard - 1) / shard
         out["fsdp all-gather fwd"] = f * 4 * P_here
         out["fsdp all-gather bwd"] = f * 4 * regathered
@@ -469,33 +468,30 @@ def notes(rows: list[dict], m: ModelConfig) -> list[str]:
             f"{extra / 2**10:,.0f} KiB per step): the gradient-norm reductions, loss parallel's reductions of per-token maxima and "
             "sums, the all-reduces of the replicated norm gains' gradients under tensor parallel, the pipeline's loss hand-over."
         )
+    pc = count_params(m)
+    kept = (pc.embedding + pc.output + pc.other + pc.per_block) / pc.total
     out.append(
         "- The rules of thumb '2x the parameter bytes for DDP, 3x for FSDP2' are the many-process limit: per rank a ring all-reduce "
-        "sends 2(n-1)/n of the buffer, an all-gather or reduce-scatter (n-1)/n, so at n = 2 DDP sends 1.0x and FSDP2 about 1.5x "
-        "(column 'sent / parameter bytes'; 1.5x and about 2.25x at n = 4)."
+        "sends 2(n-1)/n of the buffer, an all-gather or reduce-scatter (n-1)/n, so at n = 2 DDP sends 1.0x and FSDP2 at most 1.5x "
+        "(1.5x and 2.25x at n = 4). FSDP2 sends less than that (column 'sent / parameter bytes') because the root and the last "
+        f"block are not all-gathered again in backward ({kept:.0%} of the parameters here)."
     )
     bcast = [(r["label"], r["ops_max_rank"]["broadcast_"]) for r in rows if "broadcast_" in r["ops_max_rank"]]
     if bcast:
-        label, op = bcast[0]
         out.append(
-            f"- Broadcasts are listed but not in 'sent' (only the root sends). In {', '.join(b[0] for b in bcast)} there is one per "
-            f"step, {op['payload'] / 2**10:,.0f} KiB: DDP re-broadcasts rank 0's buffers before every forward (`broadcast_buffers=True`), "
-            "here the rotary tables, which are constant."
+            "- Broadcasts are listed but not in 'sent' (only the root sends). "
+            + "; ".join(f"{label}: {op['calls']} per step, {op['payload']:,} bytes" for label, op in bcast)
+            + ". A pipeline broadcasts the loss from its last stage (`Pipeline._run`), so every rank logs the same number. "
+            "DDP does not re-broadcast its buffers before every forward (`apply_ddp` turns that off: the rotary tables are "
+            "computed on every rank)."
         )
-    pc = count_params(m)
-    root = 4 * (pc.embedding + pc.output + pc.other)
     fsdp = [r for r in rows if "fsdp all-gather bwd" in r["analytic_sent_bytes"]]
     if fsdp:
-        r = fsdp[0]
-        shard = STRATEGIES[r["strategy"]][1].get("dp_shard", -1)
-        n = r["processes"] if shard == -1 else shard
-        saved = (n - 1) / n * root
         out.append(
-            "- FSDP2 all-gathers the root's parameters (embedding, output, final norm) a second time in backward: "
-            "`apply_fsdp` passes `reshard_after_forward=True` to the root's `fully_shard` explicitly, which turns off torch's "
-            "rule of keeping the root gathered from forward into backward (the default, `None`, keeps it: backward needs the "
-            f"output projection first). Here that costs {saved / 2**10:,.0f} KiB per rank per step in {r['label']} "
-            f"({saved / r['analytic_sent_bytes']['total']:.0%} of its traffic); not changed here."
+            "- FSDP2 keeps the root's parameters (embedding, output, final norm) gathered from forward into backward, and the "
+            "last block's: backward starts with them. `apply_fsdp` gives the root torch's default, `reshard_after_forward=None` "
+            "(it used to pass True explicitly, which turns that rule off: the root was all-gathered a second time in backward, 13% "
+            "of FSDP2 x2's bytes in the previous measurement)."
         )
     return out
 

@@ -18,18 +18,23 @@ def test_gpu_sh_parses_and_explains_itself():
 
 
 @pytest.mark.slow
-def test_scaling_bench_measures_ddp_bytes(tmp_path):
+def test_scaling_bench_measures_ddp_and_fsdp_bytes(tmp_path):
     """bench/scaling.py on 2 gloo processes with a tiny model: the bytes its dispatch mode counts for
-    DDP are the ring all-reduce of every gradient, 2 (n-1)/n x 4 bytes per parameter."""
+    DDP are the ring all-reduce of every gradient, 2 (n-1)/n x 4 bytes per parameter, with no
+    broadcast of the (constant) rotary buffers before each forward; FSDP2's match the formula in
+    which only the blocks but the last are all-gathered again in backward (the root stays gathered)."""
     import sys
 
     out = tmp_path / "scaling"
-    cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--smoke", "--strategies", "ddp2", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--smoke", "--strategies", "ddp2,fsdp2", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    (row,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert row["processes"] == 2 and len(row["peak_bytes_per_rank"]) == 2 and min(row["peak_bytes_per_rank"]) > 0
-    assert row["ops_max_rank"]["allreduce_"]["calls"] >= 1
-    assert abs(row["ratio_max_rank"] - 1.0) < 0.01, row["analytic_sent_bytes"]
+    ddp, fsdp = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert ddp["processes"] == 2 and len(ddp["peak_bytes_per_rank"]) == 2 and min(ddp["peak_bytes_per_rank"]) > 0
+    assert ddp["ops_max_rank"]["allreduce_"]["calls"] >= 1 and "broadcast_" not in ddp["ops_max_rank"]
+    for row in (ddp, fsdp):
+        assert abs(row["ratio_max_rank"] - 1.0) < 0.01, row["analytic_sent_bytes"]
+    n_layer = 2  # the smoke model: forward gathers both blocks and the root, backward the first block again
+    assert fsdp["ops_max_rank"]["_allgather_base_"]["calls"] == n_layer + 1 + (n_layer - 1), fsdp["ops_max_rank"]
     assert "| DDP x2 | 2 |" in out.with_suffix(".md").read_text()
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,22 +56,28 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(nproc: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def _command(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "budgetlm", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "budgetlm", *args]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        return [sys.executable, "-m", "budgetlm", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "budgetlm", *args]
+
+
+def launch(nproc: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(_command(nproc, args), env=_env(), capture_output=True, text=True, timeout=600)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
 
-def pretrain(nproc: int, data: Path, out: Path, budget: str, *sets: str) -> Path:
+def pretrain_args(data: Path, out: Path, budget: str, *sets: str) -> list[str]:
     args = ["pretrain", "--data", str(data), "--out", str(out), "--budget", budget]
     for s in [*COMMON, *sets]:
         args += ["--set", s]
-    launch(nproc, args)
+    return args
+
+
+def pretrain(nproc: int, data: Path, out: Path, budget: str, *sets: str) -> Path:
+    launch(nproc, pretrain_args(data, out, budget, *sets))
     return out
 
 
@@ -277,3 +285,73 @@ def test_sharded_checkpoint_without_a_newer_group_setting_loads(runs, tmp_path):
     state = opt.state_dict()
     assert len(state["state"]) == len(list(run.model.parameters())) and all(int(s["step"]) == 4 for s in state["state"].values())
     assert all(g["maximize"] is False for g in state["param_groups"])
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc): torchrun's workers."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if ppid == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _signal_groups(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_killed_sharded_run_resumes_on_other_process_counts(runs):
+    """SIGKILL a 2-process FSDP2 run in the middle of a sharded save (checkpointing every step),
+    then resume it on 1 process and, from a copy, as FSDP2 on 4: the save in flight is lost, the
+    previous checkpoint is used, and the loss curve and final weights are the uninterrupted
+    single-process run's.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group
+    would leave the workers running: every process group (torchrun's and each worker's) is killed.
+    To kill inside a save, not between two, the workers are stopped (SIGSTOP) once a step >= 3 is
+    logged and a `checkpoint.tmp-*` directory exists, and killed only if it still exists while
+    they are stopped (else they continue and the next save is tried)."""
+    from budgetlm.checkpoint import read_loop_state
+
+    root, ref = runs["root"], losses(runs["single"])
+    run = root / "killed"
+    cmd = _command(2, pretrain_args(runs["data"], run, "steps:10", "parallel.dp_shard=-1", "train.checkpoint_every=0"))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if max(losses(run), default=0) >= 3 and any(run.glob("checkpoint.tmp-*")):
+                workers = _children(proc.pid)
+                _signal_groups(workers, signal.SIGSTOP)
+                if any(run.glob("checkpoint.tmp-*")):
+                    break  # frozen inside a save
+                _signal_groups(workers, signal.SIGCONT)
+            time.sleep(0.005)
+    finally:
+        _signal_groups([*workers, proc.pid], signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "model.safetensors").exists(), "the run ended before it was killed"
+    assert len(workers) == 2 and any(run.glob("checkpoint.tmp-*")), workers
+    logged = max(losses(run))
+    assert read_loop_state(run / "checkpoint")["loop"]["step"] == logged - 1  # the save of the last logged step was lost
+
+    on_4 = root / "killed_then_4"
+    shutil.copytree(run, on_4)
+    resume(1, run, "steps:10", "parallel.dp_shard=1")
+    resume(4, on_4, "steps:10")  # parallel.dp_shard=-1 as saved: FSDP2 over 4
+    for r in (run, on_4):
+        assert [m["step"] for m in read_metrics(r) if m["kind"] == "train"] == list(range(1, 11))  # step `logged` re-done once
+        assert_same_losses(r, ref, range(1, 11))
+        assert_same_weights(r, runs["single"])
+        assert not any(r.glob("checkpoint.*"))  # the half-written save was cleared
+    assert _format(run) == "budgetlm-ckpt/1" and _format(on_4) == "budgetlm-ckpt/2"

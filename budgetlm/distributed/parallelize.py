@@ -226,7 +226,12 @@ def apply_ac(model: nn.Module, mode: str) -> None:
 
 def apply_fsdp(model: nn.Module, dp_mesh, *, param_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False) -> None:
     """FSDP2: each block its own unit (gathered just before it runs), the rest (embedding, final
-    norm, output) the root's. Gradients are reduced in fp32 whatever the compute dtype."""
+    norm, output) the root's. Gradients are reduced in fp32 whatever the compute dtype.
+
+    `reshard_after_forward` applies to the blocks. The root gets torch's default (None), which keeps
+    its parameters gathered from forward into backward: backward starts with the output projection,
+    so resharding it would only all-gather it again at once (passing True explicitly turns that rule
+    off: 13% more bytes per step for FSDP2 on 2 processes in bench/results/scaling.md)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -235,15 +240,24 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, param_dtype=None, reshard_after_for
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again right away by backward: keep them gathered
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=None)
 
 
 def apply_ddp(model: nn.Module, device: torch.device, *, group=None, comm_hook: str = "none") -> nn.Module:
-    """DistributedDataParallel, optionally with a gradient-compression communication hook."""
+    """DistributedDataParallel, optionally with a gradient-compression communication hook.
+
+    Buffers are not re-broadcast before every forward: the model's only buffers are the rotary
+    tables, non-persistent and computed from the config on every rank (`Transformer.init_weights`),
+    so rank 0's copy is the one each rank already has. DDP still broadcasts them once, with the
+    parameters, when it is built."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [device.index] if device.type == "cuda" else None
-    ddp = DDP(model, device_ids=device_ids, process_group=group)
+    # torch 2.13 renamed the switch (and deprecated broadcast_buffers); older torch has only the old name
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+    ddp = DDP(model, device_ids=device_ids, process_group=group, **no_sync)
     if comm_hook != "none":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
