@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from budgetlm.config import ModelConfig  # noqa: E402
+from budgetlm.hardware import cpu_name  # noqa: E402
 from budgetlm.memory import count_params, estimate_memory  # noqa: E402
 
 TARGET = 0.15  # |estimate - measured| / measured
@@ -238,15 +239,6 @@ def measure(name: str, args, baseline_mb: float) -> dict:
     print(json.dumps({k: v for k, v in row.items() if k != "estimate_terms"}), flush=True)
     return row
 
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict) -> str:

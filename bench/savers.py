@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from budgetlm.config import ModelConfig  # noqa: E402
+from budgetlm.hardware import cpu_name  # noqa: E402
 from budgetlm.memory import count_params, estimate_memory  # noqa: E402
 
 MODEL = dict(n_layer=6, n_head=4, n_embd=256, seq_len=512, vocab_size=2048)
@@ -124,15 +125,6 @@ def offload_refusal() -> str:
 # ---------------------------------------------------------------------------------------------
 # the driver
 
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict) -> str:

@@ -55,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from budgetlm.config import ModelConfig  # noqa: E402
+from budgetlm.hardware import cpu_name  # noqa: E402
 from budgetlm.memory import count_params  # noqa: E402
 
 # the model: 4 blocks so a 2-stage pipeline has 2 each; untied so a pipeline can split it
@@ -351,15 +352,6 @@ def analytic(name: str, model: dict, global_seqs: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the driver
 
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str, args) -> dict:

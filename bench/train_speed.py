@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from budgetlm.config import ModelConfig  # noqa: E402
-from budgetlm.hardware import measure_matmul_flops, peak_flops  # noqa: E402
+from budgetlm.hardware import cpu_name, measure_matmul_flops, peak_flops  # noqa: E402
 from budgetlm.hf_names import llama_config_kwargs, to_hf_llama_state_dict  # noqa: E402
 from budgetlm.model import Transformer, compute_loss  # noqa: E402
 from budgetlm.pretrain import _loss as pretrain_loss  # noqa: E402  (pretrain's loss function, compiled as pretrain compiles it)
@@ -60,17 +59,6 @@ CONFIGS = {
     "smoke": (dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, vocab_size=256, **LLAMA_SHAPED), 2),  # bench/gpu.sh --dry-run
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

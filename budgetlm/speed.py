@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from budgetlm import __version__
 from budgetlm.config import ModelConfig, TrainConfig
 from budgetlm.files import write_json
+from budgetlm.hardware import cpu_name
 
 CACHE_FILE = "speed.json"
 METHOD = 4  # part of the cache key: a change in how steps are timed invalidates old timings
@@ -44,15 +44,7 @@ def device_name(device: torch.device) -> str:
     """What the speed depends on: the GPU's name, or the CPU's model and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> str:
