@@ -98,7 +98,7 @@ def train_steps(spec: dict, device_name: str, steps: int) -> None:
     from torch.utils.checkpoint import checkpoint
 
     from budgetlm.config import TrainConfig
-    from budgetlm.model import IGNORE_INDEX, Transformer
+    from budgetlm.model import IGNORE_INDEX, Transformer, compute_loss
     from budgetlm.optim import build_optimizer
 
     cfg = ModelConfig(**spec["sizes"])
@@ -132,7 +132,7 @@ def train_steps(spec: dict, device_name: str, steps: int) -> None:
             x, y = window[:, :-1], window[:, 1:]
         x, y = x.to(device), y.to(device)
         with autocast():
-            loss = model(x, y)
+            loss = compute_loss(model, x, y)  # what pretrain calls
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

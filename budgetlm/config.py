@@ -35,6 +35,11 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+# Up to this many keys, `model.attention=auto` computes attention explicitly on CPUs in bf16/fp16 (the
+# measurements are in budgetlm/model.py); here because the model and the torch-free memory estimate both need it.
+EXPLICIT_ATTENTION_MAX_KEYS = 512
+
+
 @dataclass
 class ModelConfig:
     objective: str = opt("causal", "causal (GPT/Llama-like) or masked (BERT-like, Cramming)", ("causal", "masked"))

@@ -18,19 +18,22 @@ padded vocabulary V, element size e of the activations (2 under bf16/fp16 autoca
 - activations: what autograd saves per block, counted from this model's forward (Korthikanti et al.
   2022, "Reducing Activation Recomputation in Large Transformer Models", count 34 s b h + 5 a s^2 b
   per layer for GPT with dropout; here there is no dropout, SDPA/flash attention stores no s x s
-  scores, the residual stream stays fp32 under autocast, and autocast makes a separate 2-byte copy
-  of a norm's output for every linear that reads it). Per block, bytes per token:
-    attention, autocast: 4C (norm input) + 3 x 2C (q/k/v input copies) + 2C (q) + 2C (rotated q)
+  scores, the residual stream stays fp32 under autocast, and a norm's output is cast once to the
+  autocast dtype for all the linears that read it). Per block, bytes per token:
+    attention, autocast: 4C (norm input) + 2C (the linears' input) + 2C (q) + 2C (rotated q)
                          + 2C (attention output) + 2C (wo input) + 3 x 2 C_kv (k, rotated k, v)
     attention, fp32:     4C + 4C (norm output, shared) + 4 x 4C + 3 x 4 C_kv
-    gated MLP:           4C (norm input) + {2 x 2C autocast | 4C fp32} + 4 x eF (w1 out, act out,
+    gated MLP:           4C (norm input) + {2C autocast | 4C fp32} + 4 x eF (w1 out, act out,
                          w3 out, product); plain GELU MLP: 2 x eF
-  plus QK-norm's inputs (e(C + C_kv)) and the flash-attention log-sum-exp (4 bytes per head).
-- logits and loss: the output projection's logits in fp32 (B T V x 4), log-softmax's saved output
-  (4 bytes) and, at the start of the backward pass, the gradient of the loss w.r.t. both: 12 bytes
-  per token per vocabulary entry (autocast's bf16 logits are freed by `.float()` before), for the predicted
-  positions only (all tokens for causal, the masked ones for masked models); a logit soft-cap keeps
-  tanh's output too (4 more). At width 128 and a 2048 vocabulary this is the biggest term.
+  plus QK-norm's inputs (e(C + C_kv)) and SDPA's log-sum-exp (4 bytes per head), or, where
+  attention is explicit (CPUs in bf16 for short contexts), the softmax output: e x n_head x T.
+- logits and loss: with the chunked loss (`budgetlm.linear_cross_entropy`) the logits in the
+  compute dtype (B T V x e, turned in place into their gradient), the gradients of the hidden states
+  and of the output weight, and under autocast low-precision copies of both; with a logit soft-cap,
+  tensor parallelism or torch.compile the plain path's fp32 logits, log-softmax output and their gradients (12
+  bytes per token per vocabulary entry, 16 with the soft-cap). Predicted positions only (all tokens
+  for causal, the masked ones for masked models). At width 128 and a 2048 vocabulary this is the
+  biggest term.
 - activation checkpointing (`torch.utils.checkpoint` per block): 'full' keeps each block's fp32
   input (4C per token) and recomputes one block at a time in the backward pass; 'selective'
   checkpoints every second block (torchtitan's `selective_ac_option="2"`).
@@ -50,7 +53,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from budgetlm.config import ModelConfig
+from budgetlm.config import EXPLICIT_ATTENTION_MAX_KEYS, ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")
@@ -144,22 +147,36 @@ class MemoryEstimate:
         return "\n".join(f"{k:<34} {v / 2**20:10.1f} MiB" for k, v in rows)
 
 
-def block_activation_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
+def explicit_attention_used(cfg: ModelConfig, precision: str, device_type: str, seq_len: int) -> bool:
+    """Whether training takes the model's explicit (B, nh, T, T) attention instead of SDPA's kernel
+    (`budgetlm.model.Attention._explicit`: CPUs in bf16/fp16 up to EXPLICIT_ATTENTION_MAX_KEYS keys, or asked for)."""
+    if cfg.attention == "sdpa" or (cfg.dropout and cfg.attention != "explicit"):
+        return False
+    return cfg.attention == "explicit" or (device_type == "cpu" and precision != "fp32" and seq_len <= EXPLICIT_ATTENTION_MAX_KEYS)
+
+
+def block_activation_bytes_per_token(cfg: ModelConfig, precision: str, device_type: str = "cuda", seq_len: int | None = None) -> float:
     """Bytes autograd saves per token for one block (no checkpointing)."""
     C, F = cfg.n_embd, _ffn_hidden(cfg)
+    T = cfg.seq_len if seq_len is None else seq_len
     head_dim = C // cfg.n_head
     n_kv = cfg.n_kv_head or cfg.n_head
     c_kv = n_kv * head_dim
     low = precision != "fp32"
     e = 2 if low else 4
     gated = cfg.mlp in ("swiglu", "geglu")
-    # attention: norm input (fp32 residual); the linears' input (one fp32 norm output shared by the three
-    # linears, or one low-precision copy per linear under autocast); q, rotated q, attention output, wo input;
-    # k, rotated k, v; the log-sum-exp (fp32, one per head)
-    attn = 4 * C + (3 * 2 * C if low else 4 * C) + 4 * e * C + 3 * e * c_kv + 4 * cfg.n_head
+    # attention: norm input (fp32 residual); the linears' input (the fp32 norm output, or its one
+    # low-precision copy under autocast, shared by the three linears); q, rotated q, attention output,
+    # wo input; k, rotated k, v; and the kernel's own: SDPA's log-sum-exp (fp32, one per head), or the
+    # explicit path's softmax output (nh x T per token) and grouped-query heads repeated to nh
+    attn = 4 * C + (2 * C if low else 4 * C) + 4 * e * C + 3 * e * c_kv
+    if explicit_attention_used(cfg, precision, device_type, T):
+        attn += e * cfg.n_head * T + (2 * e * (C - c_kv) if c_kv != C else 0)
+    else:
+        attn += 4 * cfg.n_head
     if cfg.qk_norm:
         attn += e * (C + c_kv)
-    mlp = 4 * C + ((2 if gated else 1) * 2 * C if low else 4 * C) + (4 if gated else 2) * e * F
+    mlp = 4 * C + (2 * C if low else 4 * C) + (4 if gated else 2) * e * F
     return attn + mlp
 
 
@@ -177,6 +194,7 @@ def estimate_memory(
     pp: int = 1,
     device_type: str = "cuda",
     mlm_rate: float = 0.15,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per device of a training step (forward, backward, clipping, optimizer step) of
     `Transformer(model_cfg)` on `micro_batch` sequences of `seq_len` tokens (default: the config's).
@@ -186,7 +204,8 @@ def estimate_memory(
     dp_shard: FSDP2 shards of weights, gradients and optimizer state; tp: tensor-parallel degree
     (with sequence parallelism); pp: pipeline stages (1F1B: the first stage holds pp micro-batches).
     cpu_offload: FSDP2-style offload of weights, gradients and optimizer state to the host.
-    mlm_rate: the predicted share of tokens for masked models (only those reach the output)."""
+    mlm_rate: the predicted share of tokens for masked models (only those reach the output).
+    compiled: torch.compile'd model and loss, which keeps the plain loss (its buffers are counted as eager's)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if optimizer not in OPTIMIZERS:
@@ -230,7 +249,7 @@ def estimate_memory(
         weights += 2 * 4 * (pc.block_matrices // tp + (pc.per_block - pc.block_matrices))
 
     # -- activations, for the micro-batches this stage holds (1F1B: pp on the first stage)
-    per_block = block_activation_bytes_per_token(model_cfg, precision) * N / tp
+    per_block = block_activation_bytes_per_token(model_cfg, precision, device_type, T) * N / tp
     ckpt_in = 4 * C * N / tp  # a checkpointed block keeps its fp32 input
     in_flight = pp
     if activation_checkpointing == "none":
@@ -245,9 +264,17 @@ def estimate_memory(
         recompute = int(per_block) if n_ckpt else 0
     activations = int(in_flight * saved_per_mb)
 
-    # -- logits and loss: fp32 logits, log-softmax output, and at backward start their gradients
+    # -- logits and loss
     n_pred = N if model_cfg.objective == "causal" else math.ceil(N * mlm_rate)
-    logits_loss = int(n_pred * V / tp * (12 + (4 if model_cfg.logit_softcap else 0)))  # low-precision logits freed by .float()
+    e = 2 if low else 4
+    if tp == 1 and not model_cfg.logit_softcap and not compiled:
+        # the chunked loss (budgetlm.linear_cross_entropy): the logits in the compute dtype, turned in place
+        # into their gradient, beside the gradients of the hidden states and the output weight and, under
+        # autocast, low-precision copies of both inputs
+        logits_loss = int(n_pred * V * e + (n_pred * C + V * C) * e * (2 if low else 1))
+    else:
+        # fp32 logits, log-softmax output, and at backward start their gradients (low-precision logits freed by .float())
+        logits_loss = int(n_pred * V / tp * (12 + (4 if model_cfg.logit_softcap else 0)))
     if model_cfg.objective == "masked":
         logits_loss += int(n_pred * C * (4 + 4 + (2 if low else 0)))  # gathered hidden states, norm output, copy
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from budgetlm.config import ModelConfig
+from budgetlm.config import EXPLICIT_ATTENTION_MAX_KEYS, ModelConfig
+from budgetlm.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: re-exported)
 
-IGNORE_INDEX = -100  # targets with this value carry no loss (PyTorch's cross_entropy default)
 VOCAB_MULTIPLE = 64  # padding the vocabulary to a multiple of 64 keeps the output matmul on fast tiles (nanoGPT: ~25% faster)
 
 
@@ -104,26 +104,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Up to this many keys, `model.attention=auto` computes attention explicitly on CPUs in bf16/fp16.
-# Measured on one core of an AMD EPYC (torch 2.13, bf16 autocast, head size 64, forward + backward,
-# a fixed number of tokens): at 128 keys explicit took 4.9 ms against 7.8-14.9 ms for SDPA's flash
-# and math kernels, at 256 8.8 against 13.6, at 512 19.0 against 25.1; at 1024 and more SDPA's
-# flash kernel wins and never holds the (T, T) score matrix. In fp32 SDPA's kernel is as fast or
-# faster (a whole step 5-7% slower with explicit attention at 256 keys), so fp32 keeps SDPA.
-EXPLICIT_MAX_KEYS = 512
+# Measured on one core of an AMD EPYC (torch 2.13, head size 64, forward + backward, a fixed 1-2K
+# tokens): in bf16 explicit took 3.7 ms against 15.6
+# for SDPA at 128 keys, 23.6 against 47.9 at 256, 64 against 101 at 512, 115 against 129 at 1024.
+# Beyond 512 the (T, T) scores it saves for the backward pass cost more memory than the time is
+# worth. In fp32 SDPA's kernel is as fast or faster from 256 keys on (0.90x, 0.62x, 0.46x at 256,
+# 512, 1024), so fp32 keeps SDPA.
+EXPLICIT_MAX_KEYS = EXPLICIT_ATTENTION_MAX_KEYS
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v with the softmax in fp32: what SDPA computes, as three plain ops.
+    """softmax(q k^T / sqrt(hs) + causal mask) v as plain batched matmuls: what SDPA computes.
 
-    q (B, nh, T, hs); k, v (B, nkv, T, hs) with nkv dividing nh (grouped-query heads are repeated)."""
+    q (B, nh, T, hs); k, v (B, nkv, T, hs) with nkv dividing nh (grouped-query heads are repeated).
+    The scale and the mask go into the scores' matmul (`baddbmm`: no separate pass over the (T, T)
+    scores for either), and the softmax runs in the input's dtype: PyTorch's CPU softmax kernels
+    accumulate a bf16 row in fp32 and round once, which gives the same forward values as an fp32
+    softmax cast back to bf16, without the four casts of the (B, nh, T, T) scores (forward and
+    backward) that cost as much as the softmax itself (measured: 2x the attention step at 256 keys)."""
     if k.size(1) != q.size(1):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
+    B, nh, T, hs = q.shape
+    S = k.size(-2)
     if causal:
-        T = q.size(-2)
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
+        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    else:
+        bias = torch.zeros(1, 1, dtype=q.dtype, device=q.device)
+    scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2), alpha=hs**-0.5)
+    return (scores.softmax(dim=-1) @ v.reshape(B * nh, S, hs)).view(B, nh, T, hs)
 
 
 class Attention(nn.Module):
@@ -223,8 +233,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        x = x + self.dropout(self.attention(compute_dtype(self.attention_norm(x)), cos, sin, kv_cache, start_pos, attn_mask))
+        return x + self.dropout(self.feed_forward(compute_dtype(self.ffn_norm(x))))
+
+
+def compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """`h` in autocast's dtype, when autocast is on. A norm's output (fp32: the residual stream is fp32)
+    feeds several projections, and autocast would cast it once per projection, forward and backward
+    (q, k, v; gate and up): one cast here gives the same values at a third to a half of the copies."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.to(torch.get_autocast_dtype(h.device.type))
+    return h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +272,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) ->
 
 def compute_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
     """The training loss of a (possibly wrapped) Transformer on one batch."""
-    return lm_loss(model(idx, targets=targets), targets, z_loss)
+    return model(idx, targets=targets, loss=True, z_loss=z_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +405,14 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
         start_pos: int = 0,
+        loss: bool = False,
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, padded_vocab_size) in fp32 (the loss is `lm_loss`),
-        soft-capped to (-cap, cap) when `model.logit_softcap` is set.
+        soft-capped to (-cap, cap) when `model.logit_softcap` is set. With `loss=True` (and `targets`),
+        the scalar `lm_loss(logits, targets, z_loss)` instead, computed without materialising the
+        logits where it can (`budgetlm.linear_cross_entropy`); the loss is computed here, inside
+        forward, so data-parallel wrappers (DDP, FSDP2) see the output weight used in their forward.
 
         Masked objective with `targets` (B, T; IGNORE_INDEX = no loss): only the masked positions are
         normed and projected (Cramming's sparse prediction), giving (M, padded_vocab_size) logits in
@@ -402,7 +426,22 @@ class Transformer(nn.Module):
         if targets is not None and self.cfg.objective == "masked":
             keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
             x = x.reshape(-1, x.size(-1)).index_select(0, keep)  # (M, C)
-        logits = self.output(self.norm(x)).float()  # fp32 logits: a stable softmax in bf16 training
+        h = self.norm(x)
+        if loss:
+            if self._chunked_loss_ok():
+                kept = targets[targets != IGNORE_INDEX] if self.cfg.objective == "masked" else targets
+                return linear_cross_entropy(h, self.output.weight, kept, z_loss)
+            return lm_loss(self._logits(h), targets, z_loss)
+        return self._logits(h)
+
+    def _chunked_loss_ok(self) -> bool:
+        """The chunked loss needs the whole output matrix as a plain tensor (tensor parallelism shards it
+        into a DTensor), no soft-capping, and eager mode (compiled, the plain loss fuses as well)."""
+        w = self.output.weight
+        return not hasattr(w, "device_mesh") and self.cfg.logit_softcap == 0 and not torch.compiler.is_compiling()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.output(h).float()  # fp32 logits: a stable softmax in bf16 training
         if self.cfg.logit_softcap > 0:  # Gemma 2 (Team et al. 2024), nanochat: smooth bound on the logits
             cap = self.cfg.logit_softcap
             logits = cap * torch.tanh(logits / cap)

@@ -70,9 +70,11 @@ DEFAULT_OPTIMIZER = "muon"
 WARMUP = 0.02
 EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
 # torch.compile on a CPU, the model and its loss as one graph. Measured on one core of this project's
-# EPYC (torch 2.13, an empty inductor cache, 16 x 128 tokens per step): 2 x 128 compiled in 40 s and
-# then stepped 1.72x faster than eager, 4 x 128 45 s / 1.66x, 4 x 256 51 s / 1.29x, 6 x 384 63 s /
-# 1.16x. The compile runs on the clock, so it is chosen only where it buys COMPILE_MIN_GAIN more tokens.
+# EPYC (torch 2.13, an empty inductor cache, bf16, bench/train_speed.py): 2 x 128 compiled in 33 s and
+# then stepped 1.35x faster than eager, 3 x 192 31 s / 1.20x, 6 x 384 44 s / 1.24x, 8 x 512 60 s /
+# 1.22x. (Before the eager step got its chunked loss and cheaper attention, the first three gained
+# 1.72x, 1.41x and 1.16x.) The compile runs on the clock, so it is chosen only where it buys
+# COMPILE_MIN_GAIN more tokens: from about 5 minutes at width 128, 10 minutes at 192.
 CPU_COMPILE_BASE_S, CPU_COMPILE_PER_LAYER_S = 33.0, 5.0
 COMPILE_MIN_GAIN = 1.15
 EVAL_TOKENS_SHORT = 32768  # held-out tokens per evaluation for runs of under 20M tokens
@@ -179,9 +181,9 @@ def cpu_compile_seconds(cfg: ModelConfig) -> float:
 
 
 def cpu_compile_speedup(cfg: ModelConfig) -> float:
-    """Compiled over eager step speed on a CPU: large for narrow models, whose step is mostly
-    per-operation overhead and memory traffic that compiling fuses away, small once matmuls dominate."""
-    return 1 + 0.72 * (128 / max(cfg.n_embd, 128)) ** 1.4  # not extrapolated below the narrowest measured
+    """Compiled over eager step speed on a CPU: about 1.22x from width 192 to 512 (fused elementwise
+    work around the matmuls), more for the narrowest models, whose step is mostly such work."""
+    return 1.22 + 0.13 * (128 / max(cfg.n_embd, 128)) ** 4  # not extrapolated below the narrowest measured
 
 
 def have_cpp_compiler() -> bool:
@@ -244,8 +246,10 @@ class Planner:
     def fits(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str, checkpointing: str = "none") -> bool:
         from budgetlm.memory import estimate_memory
 
+        # GPUs always compile, and a compiled step keeps the plain loss; on a CPU the eager (chunked) loss is assumed
         est = estimate_memory(
-            cfg, micro_batch=micro, precision=precision, optimizer=optimizer, activation_checkpointing=checkpointing, device_type=self.device_type
+            cfg, micro_batch=micro, precision=precision, optimizer=optimizer, activation_checkpointing=checkpointing,
+            device_type=self.device_type, compiled=self.device_type == "cuda",
         )
         return est.total <= MEMORY_HEADROOM * self.memory
 
@@ -463,7 +467,7 @@ def make_plan(
         train["compile"] = "true"
         rule = (
             f"torch.compile on this CPU: about {cpu_compile_seconds(model):.0f} s to compile, on the clock, for "
-            f"{cpu_compile_speedup(model):.2f}x the eager speed (fit to this project's measurements at widths 128-384)"
+            f"{cpu_compile_speedup(model):.2f}x the eager speed (fit to this project's measurements at widths 128-512)"
         )
         reasons.append(Reason("train.compile", "true", rule))
     eval_tokens = fixed_train.get("eval_tokens", EVAL_TOKENS_SHORT if tokens < 20e6 else TrainConfig().eval_tokens)
@@ -487,7 +491,7 @@ def make_plan(
 
     peak = peak_of(planner, run_precision)
     model_keys = {k: getattr(model, k) for k in ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)}
-    memory = memory_table(model, micro, run_precision, optimizer, planner)
+    memory = memory_table(model, micro, run_precision, optimizer, planner, compiled=best.compile or planner.device_type == "cuda")
     return Plan(
         budget=str(budget),
         device=planner.gpu_name or (str(planner.device) if planner.device is not None else "?"),
@@ -525,7 +529,7 @@ def plan_from_dict(d: dict) -> Plan:
     return Plan(**{**d, "reasons": [Reason(**r) for r in d.get("reasons", [])]})
 
 
-def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str, planner: Planner) -> dict:
+def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str, planner: Planner, compiled: bool = False) -> dict:
     """The estimate per device (`budgetlm.memory`) for the plan and for each memory saver alone."""
     from budgetlm.memory import estimate_memory
 
@@ -537,7 +541,7 @@ def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str,
     }
     out = {}
     for name, extra in variants.items():
-        kw = {"micro_batch": micro, "precision": precision, "optimizer": optimizer, "device_type": planner.device_type, **extra}
+        kw = {"micro_batch": micro, "precision": precision, "optimizer": optimizer, "device_type": planner.device_type, "compiled": compiled, **extra}
         est = estimate_memory(model, **kw)
         out[name] = {k: est.as_dict()[k] for k in ("weights", "gradients", "optimizer_state", "activations", "logits_loss", "total", "host")}
     if planner.world_size == 1 and out["as planned"]["total"] > MEMORY_HEADROOM * planner.memory:

@@ -101,3 +101,16 @@ def test_train_speed_bench_compiled_rows(tmp_path):
     pytest.importorskip("transformers")
     rows, _ = _run_train_speed(tmp_path, "--compile", "--compile-hf", "--no-eager")
     assert set(rows) == {"budgetlm+compile", "hf+compile"}
+
+
+@pytest.mark.slow
+def test_plan_memory_bench_trains_and_scores_the_estimate(tmp_path):
+    """bench/plan_memory.py --smoke trains real steps through pretrain's loss and scores memory.py
+    against the measured peak (it once broke silently when the model's call signature changed)."""
+    import sys
+
+    out = tmp_path / "plan_memory"
+    cmd = [sys.executable, str(ROOT / "bench" / "plan_memory.py"), "--smoke", "--no-rss", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["measured_tensor_peak"] > 0 and abs(r["error"]) < 0.15 for r in rows), rows

@@ -80,9 +80,9 @@ def test_optimizers_precision_and_sharding():
 
 
 def test_masked_objective_predicts_only_masked_positions():
-    causal = estimate_memory(cfg(vocab_size=8000), micro_batch=8)
-    masked = estimate_memory(dataclasses.replace(cfg(vocab_size=8000), objective="masked"), micro_batch=8, mlm_rate=0.15)
-    assert masked.logits_loss < causal.logits_loss / 4
+    causal = estimate_memory(cfg(vocab_size=8000), micro_batch=64)
+    masked = estimate_memory(dataclasses.replace(cfg(vocab_size=8000), objective="masked"), micro_batch=64, mlm_rate=0.15)
+    assert masked.logits_loss < causal.logits_loss / 4  # the (V, C) weight-gradient terms do not shrink with the rate
 
 
 def test_bad_arguments():
