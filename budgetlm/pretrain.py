@@ -643,6 +643,14 @@ def validate(t: Trainer) -> dict:
         "nan_skips_rollbacks": state.rollbacks,
         **val,
     }
+    held_out, asked = len(t.data.tokens("val")), cfg.train.eval_tokens
+    summary["val_split_tokens"] = held_out
+    if val.get("val_tokens", asked) < asked:  # the split is smaller than an evaluation asks: say so next to the number
+        summary["warning"] = (
+            f"validation scored {val['val_tokens']:,} tokens, fewer than train.eval_tokens={asked:,} (the split holds {held_out:,}): "
+            "the loss is noisier than asked; prepare more data or a larger min_val_tokens"
+        )
+        print0(f"warning: {summary['warning']}")
     if state.extensions:
         summary["extended"] = "; ".join(continued.describe_extension(e) for e in state.extensions)
     init_file = t.run_dir / continued.INIT_FILE
