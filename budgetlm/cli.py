@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print the result as JSON")
 
     pr = dsub.add_parser("prepare", help="clean, train a tokenizer, tokenize, pack and split")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (.txt .jsonl .csv .tsv .parquet, optionally .gz/.zst)")
+    pr.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="files or folders (.txt .jsonl .csv .tsv .parquet, optionally .gz/.zst; .arrow), save_to_disk folders, hf:NAME[:SPLIT]",
+    )  # fmt: skip
     pr.add_argument("--out", required=True, help="output directory for shards, tokenizer and manifest")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a prepare setting")
     pr.add_argument("--force", action="store_true", help="overwrite an output directory prepared with other settings")

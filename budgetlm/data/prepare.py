@@ -326,7 +326,7 @@ def prepare(
     tokenizer_file_sha = Tokenizer.load(cfg.tokenizer_file, eos_token=cfg.eos_token).sha256 if cfg.tokenizer_file else ""
     settings = to_dict(cfg)
     settings_hash = shards.settings_hash(settings, tokenizer_file_sha)
-    input_list = [dict(f.describe(), mtime_ns=f.path.stat().st_mtime_ns) for f in files]
+    input_list = [dict(f.describe(), mtime_ns=f.path.stat().st_mtime_ns if f.format != "hf" else 0) for f in files]
     existing = _prepare_out_dir(out, settings_hash, input_list, force)
     if existing is not None:
         _log(show, f"{out} is up to date (same settings and inputs); nothing to do")
