@@ -15,7 +15,12 @@ What it does:
 Peak memory that stays flat from 64 MB to 1 GB of input is the streaming claim; MB/s is input
 bytes / wall time of the whole command (start-up, reading, cleaning, tokenizing, writing).
 
-    python bench/prepare_memory.py [--sizes-mb 64 1024] [--workers 0]
+    python bench/prepare_memory.py [--sizes-mb 64 1024] [--workers 0] [--repeats 3] [--reference]
+
+`--repeats N` prepares each generated corpus N times (the table gives every run and the median);
+`--reference` also prepares each one once with every document encoded whole by the tokenizer
+(`budgetlm.data.prepare.FAST_ENCODE = False`: the path before `budgetlm.data.chunk_cache`), the
+before/after ratio measured on the same machine in the same sitting.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,13 +154,16 @@ def main() -> None:
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 1024], help="input sizes to generate (MB)")
     ap.add_argument("--workers", type=int, default=0, help="tokenization processes (0 = all cores)")
     ap.add_argument("--out", default=str(RESULTS / "prepare_memory"), help="results path without extension")
+    ap.add_argument("--repeats", type=int, default=1, help="prepare each generated corpus this many times")
+    ap.add_argument("--reference", action="store_true", help="also prepare each corpus once encoding whole documents (the old path)")
     args = ap.parse_args()
 
     exe = [sys.executable, "-m", "budgetlm", "data", "prepare"]
     folder, source = corpus_folder()
     paras = paragraphs(folder)
     work = Path(tempfile.mkdtemp(prefix="budgetlm-bench-", dir="/tmp"))
-    results = {"device": device_info(), "versions": versions(), "source": source, "load_average_start": os.getloadavg(), "runs": []}
+    results = {"args": " ".join(sys.argv[1:])}
+    results |= {"device": device_info(), "versions": versions(), "source": source, "load_average_start": os.getloadavg(), "runs": []}
     try:
         # the normal path once (tokenizer trained on the corpus); its tokenizer is reused below
         base_cmd = [*exe, str(folder), "--out", str(work / "base"), "--workers", str(args.workers), "--json"]
@@ -168,13 +177,19 @@ def main() -> None:
             t0 = time.perf_counter()
             n = write_corpus(src, size * 10**6, paras, seed=size)
             print(f"generated {n / 1e6:.0f} MB in {time.perf_counter() - t0:.0f} s; preparing ...", file=sys.stderr)
-            cmd = [*exe, str(src), "--out", str(work / f"out-{size}"), "--tokenizer-file", str(tokenizer), "--workers", str(args.workers), "--json"]
-            r = run_measured(cmd)
-            results["runs"].append({"name": f"{size} MB generated jsonl, tokenizer reused", "input_mb": round(n / 1e6, 1), **r,
-                                    "command": " ".join(cmd[2:])})  # fmt: skip
-            print(f"  {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB", file=sys.stderr)
+            args_ = [str(src), "--out", str(work / f"out-{size}"), "--tokenizer-file", str(tokenizer), "--workers", str(args.workers), "--json"]
+            variants = [("", [*exe, *args_])] * args.repeats
+            if args.reference:
+                whole = "import sys, budgetlm.data.prepare as p; p.FAST_ENCODE = False; from budgetlm.cli import main; sys.exit(main(sys.argv[1:]))"
+                variants.append((", whole documents (reference)", [sys.executable, "-c", whole, "data", "prepare", *args_]))
+            for label, cmd in variants:
+                r = run_measured(cmd)
+                command = " ".join(cmd[2:]) if not label else "budgetlm " + " ".join(cmd[3:]) + " (FAST_ENCODE = False)"
+                results["runs"].append({"name": f"{size} MB generated jsonl, tokenizer reused{label}", "input_mb": round(n / 1e6, 1), **r,
+                                        "command": command})  # fmt: skip
+                print(f"  {label or 'fast'}: {r['seconds']} s, {n / 1e6 / r['seconds']:.1f} MB/s, peak RSS {r['peak_rss_mb']} MB", file=sys.stderr)
+                shutil.rmtree(work / f"out-{size}")
             src.unlink()
-            shutil.rmtree(work / f"out-{size}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average_end"] = os.getloadavg()
@@ -208,9 +223,20 @@ def markdown(res: dict) -> str:
         cells = [r["name"], r["input_mb"], r["seconds"], r["mb_per_s"], r["cpu_seconds"], r["mb_per_cpu_s"], r["workers"], r["peak_rss_mb"]]
         cells += [f"{r['tokens']['train']:,}", f"{r['tokens']['val']:,}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    groups: dict[str, list] = {}
+    for r in res["runs"]:
+        groups.setdefault(r["name"], []).append(r)
+    repeated = {name: runs for name, runs in groups.items() if len(runs) > 1}
+    if repeated:
+        lines += ["", "Medians of the repeated runs:", ""]
+        lines += ["| run | runs | median wall s | median MB/s | median MB per CPU s | max peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+        for name, runs in repeated.items():
+            med = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("seconds", "mb_per_s", "mb_per_cpu_s")}
+            peak = max(r["peak_rss_mb"] for r in runs)
+            lines.append(f"| {name} | {len(runs)} | {med['seconds']} | {med['mb_per_s']} | {med['mb_per_cpu_s']} | {peak} |")
     lines += ["", "Commands (`python -m budgetlm ...`; paths are temporary):", ""]
-    lines += [f"- `{r['command']}`" for r in res["runs"]]
-    lines += ["", "Reproduce: `python bench/prepare_memory.py` (writes this file and prepare_memory.json).", ""]
+    lines += [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in res["runs"])]
+    lines += ["", f"Reproduce: `python bench/prepare_memory.py {res.get('args', '')}` (writes this file and prepare_memory.json).", ""]
     return "\n".join(lines)
 
 

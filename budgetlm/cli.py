@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print the result as JSON")
 
     pr = dsub.add_parser("prepare", help="clean, train a tokenizer, tokenize, pack and split")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (.txt .jsonl .csv .tsv .parquet, optionally .gz/.zst)")
+    pr.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="files or folders (.txt .jsonl .csv .tsv .parquet, optionally .gz/.zst; .arrow), save_to_disk folders, hf:NAME[:SPLIT]",
+    )  # fmt: skip
     pr.add_argument("--out", required=True, help="output directory for shards, tokenizer and manifest")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a prepare setting")
     pr.add_argument("--force", action="store_true", help="overwrite an output directory prepared with other settings")
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", help="run directory to create")
     pt.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML file")
     pt.add_argument("--budget", help="24h | 90m | 300s | tokens:2e9 | steps:5000")
-    pt.add_argument("--resume", metavar="RUN", help="continue RUN on the same schedule and data order")
+    pt.add_argument("--resume", metavar="RUN", help="continue RUN (same schedule and data order); with --budget, extend it")
+    pt.add_argument("--init-from", metavar="RUN", help="start a new run (--out) from RUN's weights and model; new --budget, --data (same tokenizer)")
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=3e-4")
     pt.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     add_config_flags(pt, RunConfig, dotted=True)

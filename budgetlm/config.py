@@ -73,16 +73,22 @@ class ModelConfig:
 class PrepareConfig:
     tokenizer: str = opt("bpe", "tokenizer to train: byte-level BPE (causal) or WordPiece (masked)", ("bpe", "wordpiece"))
     tokenizer_file: str = opt("", "reuse this tokenizer.json instead of training one (its kind and vocabulary win over tokenizer/vocab_size)")
+    eos_token: str = opt("", "the document separator of a tokenizer_file without <|endoftext|> or [SEP] (e.g. </s>)")
     vocab_size: int = opt(0, "vocabulary size to train; 0 = chosen from the corpus size")
     lowercase: bool = opt(False, "lowercase all text")
     normalization: str = opt("NFC", "Unicode normal form applied to every document", ("NFC", "NFKC", "none"))
-    text_field: str = opt("text", "field holding the text in .jsonl inputs")
+    text_field: str = opt("text", "field holding the text in .jsonl, .arrow, saved `datasets` folders and hf:NAME inputs")
     text_column: str = opt("text", "column (name or 0-based index) holding the text in .csv/.tsv/.parquet inputs")
     csv_header: bool = opt(True, "the first row of .csv/.tsv inputs holds column names")
     txt_document_chars: int = opt(16384, "cut .txt files into documents of about this many characters at blank lines; 0 = one per file")
     tokenizer_sample_bytes: int = opt(100_000_000, "train the tokenizer on about this many bytes sampled evenly from the corpus")
     val_fraction: float = opt(0.01, "fraction of documents held out for validation")
     min_val_documents: int = opt(1, "at least this many documents are held out")
+    min_val_tokens: int = opt(
+        65536,
+        "at least this many tokens are held out (the default train.eval_tokens), cutting a document if it must; "
+        "never more than a tenth of the corpus",
+    )
     dedup: bool = opt(True, "drop exact duplicate documents")
     max_tokens_per_char: float = opt(0.0, "drop documents that tokenize worse than this (Cramming's filter); 0 = off")
     min_chars: int = opt(1, "drop documents shorter than this after cleaning")

@@ -268,9 +268,48 @@ def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
     return 1.0 - (1.0 - lo) * t
 
 
-def lr_at(progress: float, cfg: TrainConfig) -> float:
-    """The absolute learning rate at `progress`: `cfg.lr * lr_multiplier(progress, cfg)`."""
+def lr_at(progress: float, cfg: TrainConfig, extension: dict | None = None) -> float:
+    """The absolute learning rate at `progress`: `cfg.lr * lr_multiplier(progress, cfg)`, or the
+    continued schedule of an extended run (`extended_multiplier`) when `extension` is given."""
+    if extension:
+        return cfg.lr * extended_multiplier(progress, cfg, extension["progress"], extension["multiplier"])
     return cfg.lr * lr_multiplier(progress, cfg)
+
+
+def extended_multiplier(progress: float, cfg: TrainConfig, start: float, start_multiplier: float) -> float:
+    """The schedule of a run given a new budget at `start` (its progress under the new budget),
+    where it last trained at `start_multiplier` of the peak: re-warm, then decay again.
+
+    The stretch from `start` to the new deadline runs the configured schedule as a budget of its
+    own, except that its warm-up climbs from `start_multiplier` instead of 0: linearly back to
+    the peak over the first `warmup` of the stretch, then flat and/or decaying as the schedule
+    says, reaching `min_lr_ratio` exactly at the new deadline. For warmup-stable-decay this is
+    MiniCPM's continuation (Hu et al. 2024): a run stopped in its stable phase (multiplier 1)
+    stays at the peak and decays before the new deadline; a finished run (at its minimum)
+    re-warms and re-decays, which continued-pretraining studies found better than carrying on
+    at the small final rate (Gupta et al. 2023, "Continual Pre-Training of Large Language
+    Models: How to (re)warm your model?"; Ibrahim et al. 2024, "Simple and Scalable Strategies
+    to Continually Pre-train Large Language Models"). Stretching the old schedule instead
+    (nanochat's resume with a larger `num_iterations`) makes the rate jump at the resume point.
+    """
+    p = min(1.0, max(0.0, float(progress)))
+    if start >= 1.0:
+        return lr_multiplier(1.0, cfg)
+    q = max(0.0, (p - start) / (1.0 - start))  # progress through the extension
+    if cfg.warmup > 0 and q < cfg.warmup:
+        return start_multiplier + (1.0 - start_multiplier) * q / cfg.warmup
+    return lr_multiplier(q, cfg)
+
+
+def ramp_progress(progress: float, extension: dict | None) -> float:
+    """The progress the batch ramp and sequence warm-up follow: after an extension they never go
+    back (a finished run keeps its full batch and context); a run stopped mid-ramp continues its
+    ramp over the extension from where it stood."""
+    if not extension:
+        return progress
+    start = extension["progress"]
+    q = max(0.0, (progress - start) / (1.0 - start)) if start < 1.0 else 1.0
+    return max(q, float(extension.get("ramp_progress", 1.0)))
 
 
 def batch_size_at(progress: float, cfg: TrainConfig, full: int, unit: int = 1) -> int:

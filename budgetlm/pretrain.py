@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from budgetlm import checkpoint as ckpt
+from budgetlm import continued
 from budgetlm.budget import Clock, hms, parse_budget
 from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, save_config
 from budgetlm.data.dataset import PreparedData
@@ -53,7 +54,7 @@ from budgetlm.evaluate.lm import evaluate_lm
 from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
 from budgetlm.model import Transformer, compute_loss
-from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at, set_lr
+from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at, ramp_progress, set_lr
 from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
@@ -208,6 +209,8 @@ class LoopState:
     next_eval: float = 0.0  # progress at which the next periodic evaluation runs
     evals: list = field(default_factory=list)
     done: bool = False
+    extension: dict | None = None  # the latest new budget this run was given (budgetlm.continued)
+    extensions: list = field(default_factory=list)  # every one, in order
 
 
 def make_batch(w: torch.Tensor, cfg: RunConfig, tokenizer, sample_ids: list[int] | None = None):
@@ -426,7 +429,7 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> Trainer:
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> Trainer:
     """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
     device = dist.device
     if device.type == "cuda":
@@ -468,6 +471,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
         # checkpoints before budgetlm 0.x's layouts stored one (identical) loader state per rank
         loader.load_state_dict(loader_state[0] if isinstance(loader_state, list) else loader_state)
         trainer.clock.load_state_dict(loop["clock"])
+        if continued.budget_changed(loop["clock"], cfg.budget.limit):
+            ext = continued.begin_extension(trainer.state, trainer.clock, loop["clock"], cfg.train)
+            print0(f"extending: {continued.describe_extension(ext)}")
         saved = loop.get("layout", {}).get("world_size")
         if saved and saved != dist.world_size:
             print0(f"resuming a run saved on {saved} processes on {dist.world_size} ({dims.describe()})")
@@ -475,9 +481,16 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
             save_config(cfg, run_dir / CONFIG_FILE)  # the budget and layout it continues with
         barrier()
     else:
+        if init_from is not None:
+            loop = ckpt.load_checkpoint(init_from / CHECKPOINT_DIR, par.model, None, restore_rng=False, partial=dims.pp_enabled)
+            print0(f"starting from the weights of {init_from} (step {loop['loop']['step']}, {loop['loop']['tokens']:,} tokens)")
         prepare_run_dir(run_dir, cfg, data, dist)
-        if plan is not None and dist.rank == 0:
-            write_json(run_dir / PLAN_FILE, plan.to_dict())
+        if dist.rank == 0:
+            if plan is not None:
+                write_json(run_dir / PLAN_FILE, plan.to_dict())
+            if init_from is not None:
+                source = {"run": str(init_from.resolve()), "step": loop["loop"]["step"], "tokens": loop["loop"]["tokens"]}
+                write_json(run_dir / continued.INIT_FILE, source)
     return trainer
 
 
@@ -485,15 +498,17 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None) -> dict:
+def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
     """Train under cfg.budget into run_dir; returns the final metrics.
 
     With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
-    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget."""
+    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget.
+    `init_from`: a run whose latest weights the new run starts from (see `budgetlm.continued`;
+    build `cfg` with `continued.init_from_config`)."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        summary = _pretrain(cfg, run_dir, resume, dist, user_keys)
+        summary = _pretrain(cfg, run_dir, resume, dist, user_keys, None if init_from is None else Path(init_from))
     except BaseException:
         cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier to hang on
         raise
@@ -501,8 +516,8 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     return summary
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
-    t = setup(cfg, run_dir, resume, dist, user_keys)
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
+    t = setup(cfg, run_dir, resume, dist, user_keys, init_from)
     if t.state.done:
         if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
             print0(f"run {run_dir} already finished; nothing to resume")
@@ -555,10 +570,11 @@ def fit(t: Trainer) -> None:
             progress, stop = _agree(clock, state, t.dist, t.device)
             if stop:
                 break
-            lr = lr_at(progress, cfg.train) * state.lr_scale
+            lr = lr_at(progress, cfg.train, state.extension) * state.lr_scale
             set_lr(t.optimizer, lr)
-            accum = max(1, batch_size_at(progress, cfg.train, t.per_replica_seqs, t.micro) // t.micro)
-            t.seq_len = seq_len_at(progress, cfg.train.seq_warmup, cfg.model.seq_len, sp)
+            ramp = ramp_progress(progress, state.extension)
+            accum = max(1, batch_size_at(ramp, cfg.train, t.per_replica_seqs, t.micro) // t.micro)
+            t.seq_len = seq_len_at(ramp, cfg.train.seq_warmup, cfg.model.seq_len, sp)
             result = train_step(
                 t.par.train_model, t.optimizer, t.batches.take(accum), loss_fn, n_micro=accum, params=params,
                 autocast=t.precision.autocast, scaler=t.scaler, grad_clip=cfg.train.grad_clip, loss_parallel=t.par.loss_parallel,
@@ -627,6 +643,19 @@ def validate(t: Trainer) -> dict:
         "nan_skips_rollbacks": state.rollbacks,
         **val,
     }
+    held_out, asked = len(t.data.tokens("val")), cfg.train.eval_tokens
+    summary["val_split_tokens"] = held_out
+    if val.get("val_tokens", asked) < asked:  # the split is smaller than an evaluation asks: say so next to the number
+        summary["warning"] = (
+            f"validation scored {val['val_tokens']:,} tokens, fewer than train.eval_tokens={asked:,} (the split holds {held_out:,}): "
+            "the loss is noisier than asked; prepare more data or a larger min_val_tokens"
+        )
+        print0(f"warning: {summary['warning']}")
+    if state.extensions:
+        summary["extended"] = "; ".join(continued.describe_extension(e) for e in state.extensions)
+    init_file = t.run_dir / continued.INIT_FILE
+    if init_file.is_file():
+        summary["init_from"] = json.loads(init_file.read_text(encoding="utf-8"))["run"]
     plan_file = t.run_dir / PLAN_FILE
     if plan_file.is_file() and clock.budget.kind == "time":  # how well the planner predicted this device's speed
         planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
@@ -720,7 +749,18 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 
 def pretrain_command(args) -> int:
     overrides = config_overrides(args)
-    if args.resume:
+    init_from = getattr(args, "init_from", None)
+    if init_from:
+        if args.resume or args.recipe:
+            raise UserError("--init-from takes the model and settings from RUN; give no --resume or --recipe with it")
+        if not args.out:
+            raise UserError("pass --out NEW, the run directory to create")
+        cfg = continued.init_from_config(Path(init_from), args.data, args.budget, overrides)
+        check_config(cfg)
+        run_dir = Path(args.out)
+        _check_new_run_dir(run_dir)
+        summary = pretrain(cfg, run_dir, init_from=Path(init_from))
+    elif args.resume:
         if args.recipe or args.data or args.out or any(not o.startswith("parallel.") for o in overrides):
             raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
         run_dir = Path(args.resume)
@@ -737,10 +777,14 @@ def pretrain_command(args) -> int:
         if not args.out:
             raise UserError("pass --out RUN, the run directory to create")
         run_dir = Path(args.out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
-            raise UserError(f"run directory {run_dir} exists and is not empty{hint}")
+        _check_new_run_dir(run_dir)
         summary = pretrain(cfg, run_dir, user_keys={item.split("=", 1)[0].strip() for item in overrides})
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
+        raise UserError(f"run directory {run_dir} exists and is not empty{hint}")

@@ -28,8 +28,9 @@ def _prepare(sample_text_dir: Path, tmp_path_factory, name: str, **settings) -> 
     from budgetlm.data.prepare import prepare
 
     out = tmp_path_factory.mktemp(name) / "data"
-    # small documents and a few percent held out, so the val split has several documents
-    cfg = PrepareConfig(vocab_size=512, txt_document_chars=4096, val_fraction=0.05, workers=1, **settings)
+    # small documents and a few percent held out, so the val split has several documents; split by
+    # documents only (min_val_tokens=0): the token minimum has its own tests (test_data_validation)
+    cfg = PrepareConfig(vocab_size=512, txt_document_chars=4096, val_fraction=0.05, workers=1, min_val_tokens=0, **settings)
     prepare([str(sample_text_dir)], out, cfg, show_progress=False)
     return out
 

@@ -18,7 +18,8 @@ from budgetlm.errors import UserError
 def prepared_400(sample_text_dir, tmp_path_factory):
     """The sample prepared directly with a 400-token BPE, with the same settings as `prepared_bpe` (512)."""
     out = tmp_path_factory.mktemp("prepared_400") / "data"
-    prepare([str(sample_text_dir)], out, PrepareConfig(vocab_size=400, txt_document_chars=4096, val_fraction=0.05, workers=1), show_progress=False)
+    cfg = PrepareConfig(vocab_size=400, txt_document_chars=4096, val_fraction=0.05, workers=1, min_val_tokens=0)
+    prepare([str(sample_text_dir)], out, cfg, show_progress=False)
     return PreparedData(out)
 
 

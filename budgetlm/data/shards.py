@@ -123,9 +123,14 @@ class ShardWriter:
             self._file = None
 
 
+# settings added after the format was fixed: at their defaults they leave the hash as it was, so
+# data prepared before them stays up to date
+LATER_SETTINGS = {"eos_token": "", "min_val_tokens": 65536}
+
+
 def settings_hash(settings: dict, tokenizer_file_sha: str = "") -> str:
     """Identity of the settings that shape the output (not `workers`, which does not)."""
-    relevant = {k: v for k, v in settings.items() if k != "workers"}
+    relevant = {k: v for k, v in settings.items() if k != "workers" and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     blob = json.dumps({"format": FORMAT, "settings": relevant, "tokenizer_file_sha256": tokenizer_file_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 

@@ -10,6 +10,14 @@ Formats (by extension, optionally followed by .gz or .zst):
 * ``.jsonl``    one JSON object per line, text in ``text_field``.
 * ``.csv`` ``.tsv``  text in ``text_column`` (a header name, or a 0-based index).
 * ``.parquet``  text in ``text_column``; streamed one row group at a time.
+* ``.arrow``    Arrow IPC (stream or file) as Hugging Face `datasets` writes it; text in
+                ``text_field`` (when that field is missing and the table has exactly one string
+                column, that one); streamed one record batch at a time, read with pyarrow alone.
+* a folder written by `datasets`' ``save_to_disk`` (``state.json`` + ``dataset_info.json`` +
+  ``data-*.arrow``): its arrow files in the order ``state.json`` lists them; a ``DatasetDict``
+  folder (``dataset_dict.json``) gives its ``train`` split (name another one as FOLDER/SPLIT).
+* ``hf:NAME[:SPLIT]``  a dataset on the Hugging Face Hub, streamed with the `datasets` library
+  (split ``train`` by default); needs the network, so it is refused with one line offline.
 
 Everything is streamed: memory does not grow with the corpus (one txt document, one csv row or
 one parquet row group at a time). Folders are walked recursively in sorted order (so the output
@@ -34,7 +42,9 @@ from pathlib import Path
 
 from budgetlm.errors import UserError
 
-FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".arrow": "arrow"}
+HF_PREFIX = "hf:"
+HF_DATASET_FILES = ("state.json", "dataset_info.json")  # what save_to_disk writes beside the arrow files
 COMPRESSIONS = (".gz", ".zst")
 SNIFF_BYTES = 8192
 READ_CHUNK = 1 << 20
@@ -58,13 +68,19 @@ codecs.register_error("budgetlm-skip", _skip_and_count)
 @dataclass
 class InputFile:
     path: Path
-    format: str  # txt | jsonl | csv | tsv | parquet
+    format: str  # txt | jsonl | csv | tsv | parquet | arrow | hf (a Hub dataset: path holds "NAME:SPLIT")
     compression: str  # "" | ".gz" | ".zst"
     size: int
     explicit: bool  # named on the command line (errors are the user's to fix) vs found in a folder
+    text_field: str = ""  # a Hub dataset's text field, once checked
 
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.format + self.compression, "bytes": self.size}
+
+    @property
+    def hub_name(self) -> tuple[str, str]:
+        name, _, split = str(self.path).rpartition(":")
+        return name, split
 
 
 @dataclass
@@ -99,9 +115,19 @@ def discover(inputs: list[str], stats: ReadStats) -> list[InputFile]:
     seen: set[Path] = set()
     supported = ", ".join(sorted(FORMATS)) + " (optionally .gz/.zst)"
     for raw in inputs:
+        if raw.startswith(HF_PREFIX):
+            files.append(_hub_input(raw))
+            continue
         path = Path(raw).expanduser()
         if not path.exists():
             raise UserError(f"input not found: {raw}")
+        saved = saved_dataset_files(path) if path.is_dir() else None
+        if saved is not None:
+            for p in saved:
+                if p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    files.append(InputFile(p, "arrow", "", p.stat().st_size, explicit=True))
+            continue
         if path.is_dir():
             found = 0
             for p in sorted(path.rglob("*")):
@@ -122,12 +148,46 @@ def discover(inputs: list[str], stats: ReadStats) -> list[InputFile]:
             kind = input_format(path)
             if kind is None:
                 raise UserError(f"unsupported input file {raw} (supported: {supported})")
-            if kind[0] == "parquet" and kind[1]:
-                raise UserError(f"{raw}: compressed parquet is not supported (parquet compresses internally; decompress it first)")
+            if kind[0] in ("parquet", "arrow") and kind[1]:
+                raise UserError(f"{raw}: compressed {kind[0]} is not supported ({kind[0]} compresses internally; decompress it first)")
             if path.resolve() not in seen:
                 seen.add(path.resolve())
                 files.append(InputFile(path, kind[0], kind[1], path.stat().st_size, explicit=True))
     return files
+
+
+def saved_dataset_files(path: Path) -> list[Path] | None:
+    """The arrow files of a folder written by `datasets`' `save_to_disk`, in order; None for other folders."""
+    dict_file = path / "dataset_dict.json"
+    if dict_file.is_file() and not (path / "state.json").is_file():
+        try:
+            splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"{dict_file} is damaged (no list of splits)") from None
+        if "train" not in splits:
+            raise UserError(f"{path} is a DatasetDict without a 'train' split; name one: {', '.join(str(path / s) for s in splits)}")
+        return saved_dataset_files(path / "train") or []
+    if not all((path / name).is_file() for name in HF_DATASET_FILES):
+        return None
+    try:
+        listed = [d["filename"] for d in json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path / 'state.json'} is damaged (no _data_files list); save the dataset again") from None
+    files = [path / name for name in listed]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise UserError(f"{path}: arrow file {missing[0]} listed in state.json is missing")
+    if not files:
+        raise UserError(f"{path}: the saved dataset holds no arrow files")
+    return files
+
+
+def _hub_input(raw: str) -> InputFile:
+    spec = raw[len(HF_PREFIX) :]
+    name, _, split = spec.partition(":")
+    if not name:
+        raise UserError(f"{raw}: name a dataset, e.g. hf:roneneldan/TinyStories or hf:wikitext/wikitext-2-raw-v1:validation")
+    return InputFile(Path(f"{name}:{split or 'train'}"), "hf", "", 0, explicit=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +260,12 @@ def check_file(f: InputFile, cfg, stats: ReadStats) -> bool:
 
     if f.format == "parquet":
         return _check_parquet(f, cfg)
+    if f.format == "arrow":
+        _arrow_column(f, cfg.text_field)
+        return True
+    if f.format == "hf":
+        _check_hub(f, cfg)
+        return True
     scratch = ReadStats()
     try:
         with open_binary(f, scratch) as fh:
@@ -290,6 +356,84 @@ def _check_parquet(f: InputFile, cfg) -> bool:
     return True
 
 
+def _pyarrow(f: InputFile):
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise UserError(f"{f.path}: reading .arrow needs the 'pyarrow' package (pip install 'budgetlm[data]')") from None
+    return pa
+
+
+def _open_arrow(f: InputFile):
+    """A record-batch reader over an Arrow IPC file: the stream format (what `datasets` writes) or the file format."""
+    pa = _pyarrow(f)
+    source = pa.memory_map(str(f.path))
+    try:
+        return pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        try:
+            return pa.ipc.open_file(source)
+        except pa.ArrowInvalid as e:
+            raise UserError(f"{f.path}: not an Arrow IPC file ({str(e).splitlines()[0][:120]})") from None
+
+
+def text_field_of(names: list[str], types: list, field: str, where) -> str:
+    """The column holding the text: `field`; or, when `field` is the default and missing, the only
+    string column. With several string columns the user must choose."""
+    strings = [n for n, t in zip(names, types) if _is_string(t)]
+    if field in names:
+        if field not in strings:
+            kind = types[names.index(field)]
+            raise UserError(f"{where}: field '{field}' holds {kind}, not text; set --text-field (text fields: {', '.join(strings) or 'none'})")
+        return field
+    if field == "text" and len(strings) == 1:
+        return strings[0]
+    if strings:
+        raise UserError(f"{where}: no field '{field}'; which one holds the text? set --text-field to one of: {', '.join(strings[:20])}")
+    raise UserError(f"{where}: no field '{field}' and no text field at all (fields: {', '.join(names[:20])})")
+
+
+def _is_string(tp) -> bool:
+    import pyarrow as pa
+
+    if isinstance(tp, str):  # a `datasets` feature: Value('string') prints its dtype
+        return tp in ("string", "large_string")
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp)
+
+
+def _arrow_column(f: InputFile, field: str) -> str:
+    reader = _open_arrow(f)
+    schema = reader.schema
+    return text_field_of(schema.names, [schema.field(n).type for n in schema.names], field, f.path)
+
+
+def _hub_dataset(f: InputFile, cfg):
+    """The streamed Hub dataset, or one line saying why not (no `datasets`, offline, unknown name)."""
+    import os
+
+    name, split = f.hub_name
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        raise UserError(f"hf:{name}: this machine is set offline (HF_HUB_OFFLINE); save the dataset with save_to_disk elsewhere and pass its folder")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"hf:{name}: a Hub dataset needs the 'datasets' package (pip install datasets); or pass a save_to_disk folder") from None
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # connection errors, unknown names and splits all surface as different exception types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"hf:{name}:{split}: cannot open it ({first}); offline, save it with save_to_disk elsewhere and pass its folder") from None
+
+
+def _check_hub(f: InputFile, cfg) -> None:
+    ds = _hub_dataset(f, cfg)
+    features = getattr(ds, "features", None) or {}
+    names = list(features)
+    types = [getattr(v, "dtype", str(v)) for v in features.values()]
+    if names:
+        f.text_field = text_field_of(names, types, cfg.text_field, f"hf:{f.hub_name[0]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # reading documents
 
@@ -306,6 +450,10 @@ def iter_documents(files: list[InputFile], cfg, stats: ReadStats) -> Iterator[st
                 yield from _jsonl_documents(f, cfg.text_field, stats)
             elif f.format in ("csv", "tsv"):
                 yield from _csv_documents(f, cfg, stats)
+            elif f.format == "arrow":
+                yield from _arrow_documents(f, cfg.text_field, stats)
+            elif f.format == "hf":
+                yield from _hub_documents(f, cfg, stats)
             else:
                 yield from _parquet_documents(f, cfg.text_column, stats)
         except (*_READ_ERRORS, *_zstd_errors()):
@@ -413,3 +561,30 @@ def _parquet_documents(f: InputFile, column: str, stats: ReadStats) -> Iterator[
                 yield value
         del table
         stats.bytes_read += f.size // n_groups
+
+
+def _arrow_documents(f: InputFile, field: str, stats: ReadStats) -> Iterator[str]:
+    name = _arrow_column(f, field)
+    reader = _open_arrow(f)
+    if hasattr(reader, "num_record_batches"):  # the file format: batches by index
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+        batches = iter(reader)
+    for batch in batches:
+        for value in batch.column(name).to_pylist():
+            if value is None:
+                stats.bad_rows += 1
+            else:
+                yield value
+    stats.bytes_read += f.size  # progress per file: the map is read in place, not through a counting stream
+
+
+def _hub_documents(f: InputFile, cfg, stats: ReadStats) -> Iterator[str]:
+    field = f.text_field or cfg.text_field
+    for row in _hub_dataset(f, cfg):
+        value = row.get(field)
+        if isinstance(value, str):
+            stats.bytes_read += len(value.encode("utf-8"))
+            yield value
+        else:
+            stats.bad_rows += 1

@@ -56,20 +56,31 @@ def build_normalizer(normalization: str = "NFC", lowercase: bool = False):
 class Tokenizer:
     """A trained tokenizer; `encode` adds no special tokens, the caller places separators."""
 
-    def __init__(self, hf_tokenizer, json_text: str | None = None):
+    def __init__(self, hf_tokenizer, json_text: str | None = None, eos_token: str | None = None):
         self._tok = hf_tokenizer
         self._json = json_text if json_text is not None else hf_tokenizer.to_str()
         # text that happens to contain "<|endoftext|>" or "[SEP]" is encoded as those characters,
         # never as the special token: a document must not be able to forge a separator
         hf_tokenizer.encode_special_tokens = True
         vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
-        if "<|endoftext|>" in vocab:
-            self.kind = "bpe"
-        elif "[SEP]" in vocab:
-            self.kind = "wordpiece"
-        else:
-            raise UserError("tokenizer has neither <|endoftext|> nor [SEP]; budgetlm needs a document separator token")
         self._vocab = vocab
+        spec = json.loads(self._json)
+        self._specials = {t["content"] for t in spec.get("added_tokens") or [] if t.get("special")}
+        own = next((t for t in ("<|endoftext|>", "[SEP]") if t in vocab), None)
+        if own and eos_token and eos_token != own:
+            raise UserError(f"this tokenizer has its own separator {own}; --eos-token is for tokenizers without <|endoftext|> or [SEP]")
+        if own:
+            self.kind, self.eos_token = ("bpe" if own == "<|endoftext|>" else "wordpiece"), own
+            return
+        # another tokenizer (Llama's, T5's, ...): the separator is the one named, or the one its
+        # post-processor appends to a sequence (which `with_eos` records)
+        eos = eos_token or declared_end_token(spec)
+        if not eos:
+            raise UserError("tokenizer has neither <|endoftext|> nor [SEP] nor a declared end token; name its separator with --eos-token (e.g. </s>)")
+        if eos not in vocab:
+            raise UserError(f"the separator {eos!r} is not in the tokenizer's vocabulary")
+        self.kind = "wordpiece" if (spec.get("model") or {}).get("type") == "WordPiece" else "bpe"
+        self.eos_token = eos
 
     # --- special tokens -----------------------------------------------------------------------
     def _id(self, token: str) -> int | None:
@@ -77,8 +88,24 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
-        """The document separator (and end of sequence): <|endoftext|> or [SEP]."""
-        return self._id("<|endoftext|>" if self.kind == "bpe" else "[SEP]")
+        """The document separator (and end of sequence): <|endoftext|>, [SEP], or another tokenizer's end token."""
+        return self._id(self.eos_token)
+
+    @property
+    def own(self) -> bool:
+        """Trained by budgetlm (its special tokens), not brought from elsewhere."""
+        return self.eos_token in ("<|endoftext|>", "[SEP]")
+
+    def with_eos(self, token: str) -> Tokenizer:
+        """This tokenizer with `token` as its separator, recorded in tokenizer.json as the token its
+        post-processor appends (budgetlm encodes without post-processing, so encoding is unchanged)."""
+        tok = Tokenizer(self._tok, self._json, eos_token=token)
+        if declared_end_token(json.loads(self._json)) == token or tok.own:
+            return tok
+        hf = _tk().Tokenizer.from_str(self._json)
+        eos_id = self._vocab[token]
+        hf.post_processor = _tk().processors.TemplateProcessing(single=f"$A {token}", pair=f"$A {token} $B {token}", special_tokens=[(token, eos_id)])
+        return Tokenizer(hf, eos_token=token)
 
     @property
     def sep_id(self) -> int:
@@ -103,7 +130,7 @@ class Tokenizer:
     @property
     def special_ids(self) -> set[int]:
         names = BPE_SPECIALS if self.kind == "bpe" else WORDPIECE_SPECIALS
-        return {self._vocab[n] for n in names if n in self._vocab}
+        return {self._vocab[n] for n in (*names, *self._specials) if n in self._vocab}
 
     @property
     def vocab_size(self) -> int:
@@ -154,7 +181,7 @@ class Tokenizer:
         return write_text_atomic(path, self._json)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike, eos_token: str | None = None) -> Tokenizer:
         """Load tokenizer.json from a file, or from a directory that holds one."""
         path = Path(path)
         if path.is_dir():
@@ -170,7 +197,7 @@ class Tokenizer:
             hf = _tk().Tokenizer.from_str(text)
         except Exception as e:  # the Rust parser raises a bare Exception on bad files
             raise UserError(f"{path} is not a valid tokenizer.json: {str(e).splitlines()[0][:200]}") from None
-        return cls(hf, text)
+        return cls(hf, text, eos_token=eos_token or None)
 
     @classmethod
     def from_str(cls, text: str) -> Tokenizer:
@@ -178,6 +205,19 @@ class Tokenizer:
 
     def to_str(self) -> str:
         return self._json
+
+
+def declared_end_token(spec: dict) -> str | None:
+    """The token a tokenizer.json's post-processor appends to a single sequence (its end of sequence), if any."""
+    pp = spec.get("post_processor") or {}
+    for p in pp.get("processors", [pp]) if pp.get("type") == "Sequence" else [pp]:
+        if p.get("type") in ("RobertaProcessing", "BertProcessing") and p.get("sep"):
+            return p["sep"][0]
+        if p.get("type") == "TemplateProcessing" and p.get("single"):
+            last = p["single"][-1]
+            if "SpecialToken" in last:
+                return last["SpecialToken"]["id"]
+    return None
 
 
 def _bpe_tokenizer(normalizer):

@@ -38,7 +38,7 @@ MIN_PARTIAL_TOKENS = 1 << 20  # below this, a partial derivation saves too littl
 
 def can_derive(tokenizer: Tokenizer) -> bool:
     """Only byte-level BPE vocabularies nest (see the module doc)."""
-    return tokenizer.kind == "bpe"
+    return tokenizer.kind == "bpe" and tokenizer.own  # a BPE brought from elsewhere keeps no merge order we know
 
 
 def min_vocab_size() -> int:
