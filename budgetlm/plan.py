@@ -611,12 +611,12 @@ def parse_bytes(text: str) -> float:
 def plan_command(args) -> int:
     import json
 
-    from budgetlm.config import apply_overrides
+    from budgetlm.config import apply_overrides, override_keys
     from budgetlm.data.dataset import PreparedData
     from budgetlm.data.vocab import can_derive
 
     cfg = apply_overrides(RunConfig(), args.set or [])
-    user_keys = {item.split("=", 1)[0].strip() for item in args.set or []}
+    user_keys = override_keys(RunConfig, args.set or [])
     fixed_model, fixed_train = user_fixed(cfg, user_keys)
     budget = parse_budget(args.budget)
     vocab_cap, derivable = 0, True
