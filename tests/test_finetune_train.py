@@ -172,3 +172,20 @@ def test_run_whose_tokenizer_is_not_its_datas_is_refused(files, tmp_path, capsys
     msg = _one_error_line(capsys, _finetune(run, tmp_path / "out", "--train", str(files / "cls.csv")))
     assert "not the one its data was prepared with" in msg
 
+
+def test_a_validation_tag_unseen_in_training_is_scored_as_an_error(run, files, tmp_path, capsys):
+    valid = tmp_path / "valid.txt"
+    valid.write_text("the/DT dog/NN sat/VB oh/UH\nthe/DT cat/NN ran/VB on/IN a/DT mat/NN\nwow/UH the/DT cat/NN sat/VB\n")
+    out = tmp_path / "ft"
+    code = _finetune(run, out, "--train", str(files / "pos.txt"), "--valid", str(valid), "--task", "tag", "--format", "tagged", "--json")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["valid_unseen_tag_tokens"] == 2
+    assert "warning: 2 of 14 validation tokens (14.29%) carry 1 tag(s) never seen in training ('UH' x2)" in captured.err
+    assert summary["val_token_accuracy"] <= 12 / 14  # the two UH tokens can never be right
+    # classification still refuses an unseen class: most often a wrong label column
+    valid_cls = tmp_path / "valid.csv"
+    valid_cls.write_text("neutral,the film was fine\npos,the film was good\n")
+    msg = _one_error_line(capsys, _finetune(run, tmp_path / "ft2", "--train", str(files / "cls.csv"), "--valid", str(valid_cls)))
+    assert "not seen in training: 'neutral'" in msg and "check the label column" in msg

@@ -94,9 +94,10 @@ def make_splits(examples: list[Example], seed: int, test_fraction: float, valid_
 
 
 def drop_unseen(valid: list[Example], train: list[Example], task: str) -> list[Example]:
-    """Validation examples whose labels all occur in training (a rare WSJ tag such as UH may not);
-    `finetune` refuses such labels, the suite simply does not validate on them. Test examples are
-    kept whole: an unseen test tag is an honest error."""
+    """Validation examples whose labels all occur in training (a rare WSJ tag such as UH may not).
+    `finetune` scores such tags as errors (with a warning); the suite leaves those sentences out of
+    its early-stopping validation instead, so the stopping point never depends on them. Test
+    examples are kept whole: an unseen test tag is an honest error."""
     known = {t for e in train for t in (e.label if task == "tag" else [e.label])}
     return [e for e in valid if all(t in known for t in (e.label if task == "tag" else [e.label]))]
 

@@ -152,7 +152,13 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
     device = resolve_device(cfg.device)
     precision, autocast = autocast_for(cfg.precision, device)
     space = LabelSpace.from_examples(cfg.task, train)
-    space.check_known(valid, "the validation data")
+    unseen = space.check_known(valid, "the validation data")
+    n_unseen = sum(unseen.values())
+    if n_unseen:  # a rare tag (UH, SYM in the WSJ) may be missing from training: the head cannot predict it, so it counts as an error
+        n_tokens = sum(len(e.label) for e in valid)
+        shown = ", ".join(f"{t!r} x{n}" for t, n in unseen.most_common(5)) + (", ..." if len(unseen) > 5 else "")
+        log(f"warning: {n_unseen} of {n_tokens} validation tokens ({n_unseen / n_tokens:.2%}) carry {len(unseen)} tag(s) "
+            f"never seen in training ({shown}); they are scored as errors")  # fmt: skip
     body = base.body.to(device)
     max_len = min(cfg.max_len, body.cfg.seq_len)
     torch.manual_seed(cfg.seed)
@@ -278,6 +284,7 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
         "elapsed_s": round(time.monotonic() - start, 1),
         "metric": metric,
         "peak_lr": peak,
+        **({"valid_unseen_tag_tokens": n_unseen} if cfg.task == "tag" else {}),
         **params,
         **{f"val_{k}": v for k, v in best_metrics.items()},
     }
