@@ -757,6 +757,9 @@ def pretrain_command(args) -> int:
         cfg = resolve_config(args.recipe, args.budget, overrides, args.data)
     if args.print_config:
         print_config(cfg, args.json)
+        if cfg.auto and not args.resume:
+            print("auto: the model and train keys you did not set are chosen for the budget when the run starts "
+                  "(`budgetlm plan` shows the choice)", file=sys.stderr)  # fmt: skip
         return 0
     # under --json stdout carries the result alone: the progress lines go to stderr
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

@@ -126,8 +126,13 @@ def test_set_names_the_full_key(capsys, tmp_path):
 
 def test_print_config_shows_the_resolved_settings(capsys):
     assert main(["pretrain", "--recipe", "gpt-124m-1gpu", "--budget", "1h", "--train.learning-rate", "1e-4", "--print-config"]) == 0
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    cfg = yaml.safe_load(captured.out)
+    assert "auto:" not in captured.err  # a recipe is complete: nothing is planned
     assert cfg["train"]["lr"] == 1e-4 and cfg["budget"]["limit"] == "1h" and cfg["recipe"] == "gpt-124m-1gpu" and cfg["model"]["n_layer"] == 12
+    assert main(["pretrain", "--model.n_layer", "3", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["model"]["n_layer"] == 3 and "chosen for the budget when the run starts" in captured.err
     assert main(["finetune", *REQUIRED["finetune"], "--method", "lora", "--lora_rank", "4", "--print-config", "--json"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["method"], cfg["lora_rank"], cfg["epochs"]) == ("lora", 4, 3.0)
