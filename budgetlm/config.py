@@ -183,6 +183,20 @@ LR_HELP = "peak learning rate; unset = by method: full 1e-4 x 768 / model width,
 
 
 @dataclass
+class FetchConfig:
+    dest: str = opt("", "cache folder; empty = $BUDGETLM_CACHE or ~/.cache/budgetlm")
+
+
+@dataclass
+class PlanConfig:
+    device: str = opt("auto", "time candidates on this machine's CPU or GPU; auto = the GPU if there is one", ("auto", "cpu", "cuda"))
+    gpu: str = opt("", "plan for a GPU that is not here (H100, A100, 4090, ...): speeds estimated from its peak")
+    memory: str = opt("", "memory of one device (e.g. 24GB); empty = this GPU's, half this machine's RAM, or the GPU table's")
+    data: str = opt("", "prepared data directory: its vocabulary caps the model's")
+    params: str = opt("", "plan a model of about this size instead (e.g. 124M, 1.5e9)")
+
+
+@dataclass
 class EvalConfig:
     data: str = opt("", "prepared data directory to evaluate on; empty = the run's own validation split")
     tokens: int = opt(0, "held-out tokens to evaluate; 0 = the run's train.eval_tokens", aliases=("eval_tokens",))

@@ -119,6 +119,11 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, dotted: bool = Fals
     add_config_flags(parser, cls, dotted, skip)
 
 
+def flag_overrides(args) -> list[str]:
+    """The `key=value` overrides of the settings flags alone (for a verb whose `--set` means other keys)."""
+    return [f"{k[len(DEST) :]}={v}" for k, v in vars(args).items() if k.startswith(DEST)]
+
+
 def settings_from_args(cls: type, args, base: Any = None) -> Any:
     """The verb's config: `base` (default: the dataclass defaults) with the command line's flags and `--set` applied."""
     cfg = base if base is not None else cls()

@@ -69,8 +69,7 @@ def test_help_shows_every_default(verb):
 @pytest.mark.parametrize("verb", sorted(REQUIRED))
 def test_every_flag_takes_either_spelling(verb):
     actions = settings_actions(verb)
-    if verb not in ("plan", "data fetch"):  # their inputs are hand-written flags; the rule holds for them too (below)
-        assert actions, f"{verb} has no settings dataclass"
+    assert actions, f"{verb} has no settings dataclass"
     for action in actions:
         flag = action.option_strings[0]
         underscored = "--" + flag[2:].replace("-", "_")
