@@ -194,28 +194,31 @@ class IncrementalDecoder:
         return new_text[len(prefix_text) :]
 
 
-def _check_sampling_args(args) -> None:
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+def check_sampling(cfg) -> None:
+    if cfg.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if cfg.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {cfg.top_k}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {cfg.top_p}")
 
 
-def generate_command(args) -> int:
-    from budgetlm.run import load_run, resolve_device
+def generate_text(run, prompt: str, cfg=None, on_text=None) -> dict:
+    """Sample a completion of `prompt` from a loaded run (`budgetlm.run.Run`); `on_text(piece)` sees
+    the text as it is decoded. Returns the prompt, the completion, its token count and speed."""
+    from budgetlm.config import GenerateConfig
 
-    _check_sampling_args(args)
-    device = resolve_device(args.device)
-    run = load_run(args.run, device)
+    cfg = cfg or GenerateConfig()
+    check_sampling(cfg)
     if run.config.model.objective != "causal":
-        raise UserError(f"generate needs a causal model; {args.run} was trained with the masked objective (use finetune or suite)")
+        where = getattr(run, "dir", "the run")
+        raise UserError(f"generate needs a causal model; {where} was trained with the masked objective (use finetune or suite)")
     tok = run.tokenizer
+    device = next(run.model.parameters()).device
     eos_id = getattr(tok, "eos_id", None)
-    prompt_ids = tok.encode(args.prompt)
+    prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         if eos_id is None:
             raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
@@ -225,39 +228,50 @@ def generate_command(args) -> int:
     decoder = IncrementalDecoder(tok)
     pieces: list[str] = []
     n_tokens = 0
-    if not args.json:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
     start = time.perf_counter()
-    for nxt in stream(
-        run.model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id
-    ):
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_id=eos_id)
+    for nxt in stream(run.model, idx, cfg.max_new_tokens, **sampling):
         token_id = int(nxt[0])
         if token_id == eos_id:
             break
         n_tokens += 1
         piece = decoder.push(token_id)
         pieces.append(piece)
-        if piece and not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        if piece and on_text:
+            on_text(piece)
     elapsed = time.perf_counter() - start
     tail = decoder.flush()
     pieces.append(tail)
-    completion = "".join(pieces)
+    if tail and on_text:
+        on_text(tail)
+    return {
+        "prompt": prompt,
+        "completion": "".join(pieces),
+        "tokens": n_tokens,
+        "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None,
+    }
+
+
+def generate_command(args) -> int:
+    from budgetlm.config import GenerateConfig
+    from budgetlm.flags import print_config, settings_from_args
+    from budgetlm.run import load_run, resolve_device
+
+    cfg = settings_from_args(GenerateConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    check_sampling(cfg)  # before the run is loaded
+    run = load_run(args.run, resolve_device(cfg.device))
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "prompt": args.prompt,
-                    "completion": completion,
-                    "tokens": n_tokens,
-                    "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None,
-                },
-                ensure_ascii=False,
-            )
-        )
-    else:
-        sys.stdout.write(tail + "\n")
+        print(json.dumps(generate_text(run, args.prompt, cfg), ensure_ascii=False))
+        return 0
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
         sys.stdout.flush()
+
+    write(args.prompt)
+    generate_text(run, args.prompt, cfg, on_text=write)
+    write("\n")
     return 0

@@ -615,27 +615,30 @@ def parse_bytes(text: str) -> float:
 def plan_command(args) -> int:
     import json
 
-    from budgetlm.config import apply_overrides
+    from budgetlm.config import PlanConfig, apply_overrides, override_keys
     from budgetlm.data.dataset import PreparedData
     from budgetlm.data.vocab import can_derive
+    from budgetlm.flags import flag_overrides
 
+    where = apply_overrides(PlanConfig(), flag_overrides(args))  # --set here means pretraining keys, below
     cfg = apply_overrides(RunConfig(), args.set or [])
-    user_keys = {item.split("=", 1)[0].strip() for item in args.set or []}
+    user_keys = override_keys(RunConfig, args.set or [])
     fixed_model, fixed_train = user_fixed(cfg, user_keys)
     budget = parse_budget(args.budget)
     vocab_cap, derivable = 0, True
-    if args.data:
-        data = PreparedData(args.data)
+    if where.data:
+        data = PreparedData(where.data)
         vocab_cap, derivable = data.vocab_size, can_derive(data.tokenizer)
-    memory = parse_bytes(args.memory) if args.memory else 0
-    if args.gpu:
-        planner = Planner(None, gpu_name=args.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable)
+    memory = parse_bytes(where.memory) if where.memory else 0
+    if where.gpu:
+        planner = Planner(None, gpu_name=where.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable)
     else:
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if where.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU here; pass --gpu NAME to plan for one from its datasheet")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(where.device if where.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         planner = Planner(device, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, log=None if args.json else _stderr)
-    plan = make_plan(budget, planner, fixed_model=fixed_model, fixed_train=fixed_train, target_params=parse_count(args.params) if args.params else 0)
+    target = parse_count(where.params) if where.params else 0
+    plan = make_plan(budget, planner, fixed_model=fixed_model, fixed_train=fixed_train, target_params=target)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 

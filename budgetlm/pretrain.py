@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from budgetlm import checkpoint as ckpt
 from budgetlm import continued
 from budgetlm.budget import Clock, hms, parse_budget
-from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, save_config
+from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, override_keys, save_config
 from budgetlm.data.dataset import PreparedData
 from budgetlm.data.loader import DeviceBatches, TrainBatches, seq_len_at, split_windows
 from budgetlm.data.masking import mask_tokens
@@ -747,44 +748,63 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 # the command
 
 
+def start_run(cfg: RunConfig, out: str | Path | None, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
+    """A new run of `cfg` in `out` (which must not hold anything yet), from scratch or from `init_from`'s
+    weights; the final metrics."""
+    if not out:
+        raise UserError("pass --out RUN, the run directory to create")
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
+        raise UserError(f"run directory {run_dir} exists and is not empty{hint}")
+    return pretrain(cfg, run_dir, user_keys=user_keys, init_from=init_from)
+
+
+def resume_config(run: str | Path, budget: str | None, overrides: list[str]) -> RunConfig:
+    """The config a resumed run continues with: its own, a longer budget and another layout allowed."""
+    if any(not o.startswith("parallel.") for o in overrides):
+        raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
+    run_dir = Path(run)
+    cfg = run_config(run_dir)
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise UserError(f"run {run_dir} has no checkpoint to resume from")
+    if budget:
+        cfg.budget.limit = budget
+    apply_overrides(cfg, overrides)
+    check_config(cfg)
+    return cfg
+
+
 def pretrain_command(args) -> int:
+    from budgetlm.flags import print_config
+
     overrides = config_overrides(args)
     init_from = getattr(args, "init_from", None)
     if init_from:
         if args.resume or args.recipe:
             raise UserError("--init-from takes the model and settings from RUN; give no --resume or --recipe with it")
-        if not args.out:
-            raise UserError("pass --out NEW, the run directory to create")
         cfg = continued.init_from_config(Path(init_from), args.data, args.budget, overrides)
         check_config(cfg)
-        run_dir = Path(args.out)
-        _check_new_run_dir(run_dir)
-        summary = pretrain(cfg, run_dir, init_from=Path(init_from))
     elif args.resume:
-        if args.recipe or args.data or args.out or any(not o.startswith("parallel.") for o in overrides):
+        if args.recipe or args.data or args.out:
             raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
-        run_dir = Path(args.resume)
-        cfg = run_config(run_dir)
-        if not (run_dir / CHECKPOINT_DIR).is_dir():
-            raise UserError(f"run {run_dir} has no checkpoint to resume from")
-        if args.budget:
-            cfg.budget.limit = args.budget
-        apply_overrides(cfg, overrides)
-        check_config(cfg)
-        summary = pretrain(cfg, run_dir, resume=True)
+        cfg = resume_config(args.resume, args.budget, overrides)
     else:
         cfg = resolve_config(args.recipe, args.budget, overrides, args.data)
-        if not args.out:
-            raise UserError("pass --out RUN, the run directory to create")
-        run_dir = Path(args.out)
-        _check_new_run_dir(run_dir)
-        summary = pretrain(cfg, run_dir, user_keys={item.split("=", 1)[0].strip() for item in overrides})
+    if args.print_config:
+        print_config(cfg, args.json)
+        if cfg.auto and not args.resume and not init_from:
+            print("auto: the model and train keys you did not set are chosen for the budget when the run starts "
+                  "(`budgetlm plan` shows the choice)", file=sys.stderr)  # fmt: skip
+        return 0
+    # under --json stdout carries the result alone: the progress lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        if args.resume:
+            summary = pretrain(cfg, Path(args.resume), resume=True)
+        elif init_from:
+            summary = start_run(cfg, args.out, init_from=Path(init_from))
+        else:
+            summary = start_run(cfg, args.out, user_keys=override_keys(RunConfig, overrides))
     if args.json:
         print(json.dumps(summary))
     return 0
-
-
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
-        raise UserError(f"run directory {run_dir} exists and is not empty{hint}")

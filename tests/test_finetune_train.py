@@ -10,7 +10,6 @@ import yaml
 from test_finetune_runs import make_tiny_run
 
 from budgetlm.cli import main
-from budgetlm.finetune.methods import MethodOptions
 from budgetlm.finetune.predict import load_finetuned, predict_examples
 from budgetlm.finetune.tasks import read_task_file
 from budgetlm.finetune.train import Base, FinetuneConfig, default_lr, fit, load_base, save_finetuned
@@ -88,7 +87,7 @@ def test_default_lr_scales_full_finetuning_with_width():
 def test_saved_model_reloads_to_the_same_predictions(run, files, tmp_path, method):
     data = read_task_file(files / "cls.csv", "classify").examples
     base = load_base(run)
-    cfg = FinetuneConfig(method=method, epochs=1, batch_size=8, seed=1, method_options=MethodOptions(prefix_len=4, adapter_size=8))
+    cfg = FinetuneConfig(method=method, epochs=1, batch_size=8, seed=1, prefix_len=4, adapter_size=8)
     result = fit(base, data[:30], data[30:], cfg, log=lambda *a: None)
     with torch.no_grad():  # make the trained state distinctive, so equality is not an accident of a near-zero update
         for n, p in result.model.named_parameters():
@@ -172,3 +171,21 @@ def test_run_whose_tokenizer_is_not_its_datas_is_refused(files, tmp_path, capsys
     (run / "data.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
     msg = _one_error_line(capsys, _finetune(run, tmp_path / "out", "--train", str(files / "cls.csv")))
     assert "not the one its data was prepared with" in msg
+
+
+def test_a_validation_tag_unseen_in_training_is_scored_as_an_error(run, files, tmp_path, capsys):
+    valid = tmp_path / "valid.txt"
+    valid.write_text("the/DT dog/NN sat/VB oh/UH\nthe/DT cat/NN ran/VB on/IN a/DT mat/NN\nwow/UH the/DT cat/NN sat/VB\n")
+    out = tmp_path / "ft"
+    code = _finetune(run, out, "--train", str(files / "pos.txt"), "--valid", str(valid), "--task", "tag", "--format", "tagged", "--json")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["valid_unseen_tag_tokens"] == 2
+    assert "warning: 2 of 14 validation tokens (14.29%) carry 1 tag(s) never seen in training ('UH' x2)" in captured.err
+    assert summary["val_token_accuracy"] <= 12 / 14  # the two UH tokens can never be right
+    # classification still refuses an unseen class: most often a wrong label column
+    valid_cls = tmp_path / "valid.csv"
+    valid_cls.write_text("neutral,the film was fine\npos,the film was good\n")
+    msg = _one_error_line(capsys, _finetune(run, tmp_path / "ft2", "--train", str(files / "cls.csv"), "--valid", str(valid_cls)))
+    assert "not seen in training: 'neutral'" in msg and "check the label column" in msg

@@ -160,11 +160,15 @@ def describe(folder: Path) -> dict:
 
 
 def fetch_command(args) -> int:
+    from budgetlm.config import FetchConfig
+    from budgetlm.flags import settings_from_args
+
+    dest = settings_from_args(FetchConfig, args).dest or None
     cached = False
     if args.name in CORPORA:
-        root = Path(args.dest).expanduser() if args.dest else cache_dir()
+        root = Path(dest).expanduser() if dest else cache_dir()
         cached = (root / f"{args.name}-{CORPORA[args.name].version}" / MARKER).exists()
-    folder = fetch(args.name, args.dest)
+    folder = fetch(args.name, dest)
     if args.json:
         info = describe(folder)
         files, n_bytes = len(info["files"]), info["bytes"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlm.config import PrepareConfig, apply_overrides, to_dict
+from budgetlm.config import PrepareConfig, to_dict
 from budgetlm.data import chunk_cache, clean, shards
 from budgetlm.data.chunk_cache import ChunkCache
 from budgetlm.data.sources import ReadStats, check_file, discover, iter_documents
@@ -445,9 +445,12 @@ def format_summary(s: dict) -> str:
 
 
 def prepare_command(args) -> int:
-    from budgetlm.config import config_overrides
+    from budgetlm.flags import print_config, settings_from_args
 
-    cfg = apply_overrides(PrepareConfig(), config_overrides(args))
+    cfg = settings_from_args(PrepareConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
     summary = prepare(args.inputs, args.out, cfg, force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -50,6 +50,7 @@ class ParallelDims:
             raise UserError(
                 f"parallel degrees dp_replicate={show(rep)} x dp_shard={show(shard)} x tp={tp} x pp={pp} "
                 f"do not multiply to the {world_size} process{'es' if world_size != 1 else ''} started"
+                + (" (start several with torchrun --nproc_per_node=N -m budgetlm pretrain ...)" if world_size == 1 else "")
             )
         if parallel.dp != -1 and parallel.dp != rep * shard:
             raise UserError(f"parallel.dp={parallel.dp} does not match dp_replicate={rep} x dp_shard={shard} for {world_size} processes")

@@ -85,40 +85,60 @@ def evaluate_lm(
     return out
 
 
-def eval_command(args) -> int:
+def evaluate_run(run, cfg=None) -> dict:
+    """Validation metrics of a run (a directory or a loaded `budgetlm.run.Run`) on its own data or `cfg.data`."""
+    from budgetlm.config import EvalConfig
     from budgetlm.data.dataset import PreparedData
     from budgetlm.data.vocab import find_derived
-    from budgetlm.files import write_json
-    from budgetlm.run import load_run, resolve_device
+    from budgetlm.run import Run, load_run, resolve_device
 
-    device = resolve_device("auto")
-    run = load_run(args.run, device)
-    cfg = run.config
-    data_dir = args.data or cfg.data
+    cfg = cfg or EvalConfig()
+    if isinstance(run, Run):
+        device = next(run.model.parameters()).device
+    else:
+        device = resolve_device(cfg.device)
+        run = load_run(run, device)
+    data_dir = cfg.data or run.config.data
     if not data_dir:
         raise UserError("the run does not name its data directory; pass --data DIR")
     data = PreparedData(data_dir)
     if data.tokenizer.sha256 != run.tokenizer.sha256:  # the run may have trained on a vocabulary cut from this data
         data = find_derived(data, run.tokenizer.sha256) or data
     if data.tokenizer.sha256 != run.tokenizer.sha256:
-        raise UserError(f"tokenizer mismatch: {data_dir} was prepared with another tokenizer than run {args.run}")
+        raise UserError(f"tokenizer mismatch: {data_dir} was prepared with another tokenizer than run {run.dir}")
+    if cfg.tokens < 0:
+        raise UserError(f"--tokens must be >= 0 (0 = the run's eval_tokens), got {cfg.tokens}")
     autocast = contextlib.nullcontext
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    mc = run.config.model
     metrics = evaluate_lm(
         run.model,
         data,
-        objective=cfg.model.objective,
-        seq_len=cfg.model.seq_len,
-        n_tokens=args.tokens or cfg.train.eval_tokens,
-        batch_size=max(1, 8192 // cfg.model.seq_len),
+        objective=mc.objective,
+        seq_len=mc.seq_len,
+        n_tokens=cfg.tokens or run.config.train.eval_tokens,
+        batch_size=max(1, 8192 // mc.seq_len),
         device=device,
         autocast=autocast,
-        mlm_rate=cfg.train.mlm_rate,
+        mlm_rate=run.config.train.mlm_rate,
     )
     metrics["data"] = str(Path(data_dir).resolve())
-    if not args.data:
+    return metrics
+
+
+def eval_command(args) -> int:
+    from budgetlm.config import EvalConfig
+    from budgetlm.files import write_json
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(EvalConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    metrics = evaluate_run(args.run, cfg)
+    if not cfg.data:
         write_json(Path(args.run) / "eval.json", metrics)
     if args.json:
         print(json.dumps(metrics))

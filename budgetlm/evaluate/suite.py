@@ -94,9 +94,10 @@ def make_splits(examples: list[Example], seed: int, test_fraction: float, valid_
 
 
 def drop_unseen(valid: list[Example], train: list[Example], task: str) -> list[Example]:
-    """Validation examples whose labels all occur in training (a rare WSJ tag such as UH may not);
-    `finetune` refuses such labels, the suite simply does not validate on them. Test examples are
-    kept whole: an unseen test tag is an honest error."""
+    """Validation examples whose labels all occur in training (a rare WSJ tag such as UH may not).
+    `finetune` scores such tags as errors (with a warning); the suite leaves those sentences out of
+    its early-stopping validation instead, so the stopping point never depends on them. Test
+    examples are kept whole: an unseen test tag is an honest error."""
     known = {t for e in train for t in (e.label if task == "tag" else [e.label])}
     return [e for e in valid if all(t in known for t in (e.label if task == "tag" else [e.label]))]
 
@@ -209,20 +210,25 @@ def write_results(run_dir: Path, results: dict) -> tuple[Path, Path]:
 
 
 def suite_command(args) -> int:
+    from budgetlm.config import SuiteConfig
+    from budgetlm.flags import print_config, settings_from_args
     from budgetlm.run import run_config
 
+    cfg = settings_from_args(SuiteConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
     run_dir = Path(args.run)
     run_config(run_dir)  # a clear error for a directory that is not a run
-    if args.budget:
+    if cfg.budget:
         from budgetlm.budget import parse_budget
 
-        parse_budget(args.budget)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+        parse_budget(cfg.budget)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or list(TASKS)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     results = run_suite(
-        run_dir, tasks, args.seeds, method=args.method, baseline=args.baseline, budget=args.budget or "60s",
-        max_train=getattr(args, "max_train", 4000), max_test=getattr(args, "max_test", 1000), epochs=getattr(args, "epochs", 3.0),
-        lr=getattr(args, "lr", None), batch_size=getattr(args, "batch_size", 32), device=getattr(args, "device", "auto"), log=log,
+        run_dir, tasks, cfg.seeds, method=cfg.method, baseline=cfg.baseline, budget=cfg.budget or "60s", max_train=cfg.max_train,
+        max_test=cfg.max_test, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device, log=log,
     )  # fmt: skip
     json_path, md_path = write_results(run_dir, results)
     if args.json:

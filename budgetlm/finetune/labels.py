@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,19 @@ class LabelSpace:
     def num_labels(self) -> int:
         return len(self.labels) if self.labels is not None else 1
 
-    def check_known(self, examples: list[Example], where: str) -> None:
+    def check_known(self, examples: list[Example], where: str) -> Counter:
+        """Labels of `examples` the head cannot predict. For classification that is refused (most often a
+        wrong label column or another label set); for tagging the counts come back (a rare tag is common)."""
         if self.labels is None:
-            return
+            return Counter()
         known = set(self.labels)
-        seen = {t for e in examples for t in (e.label if self.task == "tag" else [e.label])}
-        unseen = sorted(seen - known, key=_natural_key)
-        if unseen:
-            raise UserError(f"{where} has label(s) not seen in training: {', '.join(map(repr, unseen[:5]))} (training labels: {len(known)})")
+        flat = (t for e in examples for t in (e.label if self.task == "tag" else [e.label]))
+        unseen = Counter(t for t in flat if t not in known)
+        if unseen and self.task != "tag":
+            names = sorted(unseen, key=_natural_key)
+            raise UserError(f"{where} has label(s) not seen in training: {', '.join(map(repr, names[:5]))} "
+                            f"(training labels: {len(known)}); check the label column, or add examples of them to the training file")  # fmt: skip
+        return unseen
 
 
 def _natural_key(label: str):

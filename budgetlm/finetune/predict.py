@@ -97,11 +97,13 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu", me
     return model, run.tokenizer, space, meta
 
 
-def predict_command(args) -> int:
+def predict_file(model_dir: str | Path, input_file: str | Path, fmt: str | None = None, device: str = "cpu"):
+    """(the input's rows, one prediction per row, its format, the task) for a file, read with the training file's columns."""
     from budgetlm.finetune.tasks import infer_format
+    from budgetlm.run import resolve_device
 
-    model, tokenizer, space, meta = load_finetuned(args.model_dir)
-    fmt = args.format or (infer_format(Path(args.input), None) if Path(args.input).suffix else meta["data"]["format"])
+    model, tokenizer, space, meta = load_finetuned(model_dir, device=resolve_device(device))
+    fmt = fmt or (infer_format(Path(input_file), None) if Path(input_file).suffix else meta["data"]["format"])
     cols = meta["data"].get("columns") or {}
     same_format = fmt == meta["data"]["format"]
 
@@ -112,18 +114,52 @@ def predict_command(args) -> int:
     columns = Columns(text=spec("text"), text2=spec("text2"), header=cols.get("header") if same_format else None)
     if same_format and fmt in ("csv", "tsv") and cols.get("label") is not None:
         columns.label = str(cols["label"])
-    data = _read_input(args.input, meta["task"], fmt, columns)
-    preds = predict_examples(model, tokenizer, data.examples, space, meta["max_len"])
+    data = _read_input(input_file, meta["task"], fmt, columns)
+    return data, predict_examples(model, tokenizer, data.examples, space, meta["max_len"]), fmt, meta["task"]
+
+
+def predict_texts(model_dir: str | Path, texts: list, device: str = "cpu") -> list:
+    """Predictions for texts given directly: strings (a tagging model splits them at whitespace),
+    lists of words (tagging), or (text, text2) pairs (pair models)."""
+    from budgetlm.finetune.tasks import Example
+    from budgetlm.run import resolve_device
+
+    model, tokenizer, space, meta = load_finetuned(model_dir, device=resolve_device(device))
+    examples = []
+    for item in texts:
+        if meta["task"] == "tag":
+            examples.append(Example(item.split() if isinstance(item, str) else list(item)))
+        elif isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise UserError(f"a pair is two texts, got {len(item)} items: {item!r}")
+            examples.append(Example(str(item[0]), str(item[1])))
+        else:
+            examples.append(Example(str(item)))
+    return predict_examples(model, tokenizer, examples, space, meta["max_len"])
+
+
+def predict_command(args) -> int:
+    from budgetlm.config import PredictConfig
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(PredictConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    data, preds, fmt, task = predict_file(args.model_dir, args.input, None if cfg.format == "auto" else cfg.format, cfg.device)
     if data.skipped:
         print(f"skipped {data.skipped} malformed row(s) of {args.input}", file=sys.stderr)
-    if args.output:
-        path = Path(args.output)
+    if cfg.output:
+        path = Path(cfg.output)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            write_predictions(data, preds, fmt, meta["task"], f)
+            write_predictions(data, preds, fmt, task, f)
         tmp.replace(path)
-    else:
-        write_predictions(data, preds, fmt, meta["task"], sys.stdout)
+    if args.json:
+        summary = {"input": str(args.input), "examples": len(preds), "skipped": data.skipped}
+        print(json.dumps({**summary, "output": str(cfg.output)} if cfg.output else {**summary, "predictions": preds}, ensure_ascii=False))
+    elif not cfg.output:
+        write_predictions(data, preds, fmt, task, sys.stdout)
     return 0
 
 

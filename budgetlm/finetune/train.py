@@ -17,17 +17,18 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from budgetlm.budget import hms
+from budgetlm.config import FinetuneConfig
 from budgetlm.errors import UserError
 from budgetlm.files import write_json
 from budgetlm.finetune.heads import TaskModel, collate, encode_examples, set_body_dropout
 from budgetlm.finetune.labels import FINETUNE_FILE, WEIGHTS_FILE, LabelSpace, file_sha256
-from budgetlm.finetune.methods import MethodOptions, apply_method, trainable_report, trainable_state_dict
+from budgetlm.finetune.methods import apply_method, trainable_report, trainable_state_dict
 from budgetlm.finetune.metrics import main_metric, task_metrics
 from budgetlm.finetune.predict import predict_examples
 from budgetlm.finetune.tasks import Columns, Example, infer_format, read_task_file
@@ -55,32 +56,6 @@ def default_lr(method: str, n_embd: int) -> float:
     if method == "full":
         return DEFAULT_LR["full"] * REFERENCE_WIDTH / n_embd
     return DEFAULT_LR[method]
-
-
-@dataclass
-class FinetuneConfig:
-    task: str = "classify"
-    method: str = "full"
-    epochs: float = 3.0
-    lr: float | None = None  # None = default_lr(method, body width)
-    batch_size: int = 32
-    max_len: int = 128
-    dropout: float = 0.1
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    grad_clip: float = 1.0
-    patience: int = 3
-    evals_per_epoch: int = 2
-    valid_fraction: float = 0.1  # held out of the training file when no validation file is given
-    budget: str | None = None
-    precision: str = "auto"
-    pooling: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    method_options: MethodOptions = field(default_factory=MethodOptions)
-
-    def peak_lr(self, n_embd: int) -> float:
-        return self.lr if self.lr is not None else default_lr(self.method, n_embd)
 
 
 @dataclass
@@ -177,7 +152,13 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
     device = resolve_device(cfg.device)
     precision, autocast = autocast_for(cfg.precision, device)
     space = LabelSpace.from_examples(cfg.task, train)
-    space.check_known(valid, "the validation data")
+    unseen = space.check_known(valid, "the validation data")
+    n_unseen = sum(unseen.values())
+    if n_unseen:  # a rare tag (UH, SYM in the WSJ) may be missing from training: the head cannot predict it, so it counts as an error
+        n_tokens = sum(len(e.label) for e in valid)
+        shown = ", ".join(f"{t!r} x{n}" for t, n in unseen.most_common(5)) + (", ..." if len(unseen) > 5 else "")
+        log(f"warning: {n_unseen} of {n_tokens} validation tokens ({n_unseen / n_tokens:.2%}) carry {len(unseen)} tag(s) "
+            f"never seen in training ({shown}); they are scored as errors")  # fmt: skip
     body = base.body.to(device)
     max_len = min(cfg.max_len, body.cfg.seq_len)
     torch.manual_seed(cfg.seed)
@@ -303,6 +284,7 @@ def fit(base: Base, train: list[Example], valid: list[Example], cfg: FinetuneCon
         "elapsed_s": round(time.monotonic() - start, 1),
         "metric": metric,
         "peak_lr": peak,
+        **({"valid_unseen_tag_tokens": n_unseen} if cfg.task == "tag" else {}),
         **params,
         **{f"val_{k}": v for k, v in best_metrics.items()},
     }
@@ -332,7 +314,7 @@ def save_finetuned(out_dir: Path, result: Result, base: Base, cfg: FinetuneConfi
         "max_len": min(cfg.max_len, base.body.cfg.seq_len),
         "base": base.info,
         "data": data_info,
-        "hyperparameters": {k: v for k, v in asdict(cfg).items() if k != "method_options"},
+        "hyperparameters": asdict(cfg),
         "method_options": cfg.method_options.as_dict(),
         "metrics": result.metrics,
         "summary": result.summary,
@@ -358,32 +340,29 @@ def save_finetuned(out_dir: Path, result: Result, base: Base, cfg: FinetuneConfi
 # the command
 
 
-def config_from_args(args) -> FinetuneConfig:
-    targets = tuple(t.strip() for t in (args.lora_targets or "").split(",") if t.strip())
-    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-len", args.max_len)):
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    """Settings that cannot work, refused before any file is read."""
+    for name, value in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size), ("max_len", cfg.max_len)):
         if value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    return FinetuneConfig(
-        task=args.task, method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-        dropout=args.dropout, patience=args.patience, budget=args.budget, precision=args.precision, seed=args.seed,
-        pooling=getattr(args, "pooling", "auto"), device=getattr(args, "device", "auto"),
-        method_options=MethodOptions(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
-                                     adapter_size=args.adapter_size, prefix_len=args.prefix_len, seed=args.seed),
-    )  # fmt: skip
-
-
-def finetune_command(args) -> int:
-    from budgetlm.tracking import MetricsLog
-
-    cfg = config_from_args(args)
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.budget:
         from budgetlm.budget import parse_budget
 
         parse_budget(cfg.budget)  # a bad budget fails before any work
     autocast_for(cfg.precision, resolve_device(cfg.device))  # an impossible precision fails before any work
-    out_dir = Path(args.out)
+
+
+def finetune_run(run: str | Path, train_file: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
+                 valid_file: str | Path | None = None, log=print) -> dict:  # fmt: skip
+    """Fine-tune run `run` on `train_file` (validating on `valid_file` or a held-out share of it) into
+    `out`; returns the summary (the best validation metrics, steps, time)."""
+    from budgetlm.tracking import MetricsLog
+
+    cfg = cfg or FinetuneConfig()
+    check_finetune_config(cfg)
+    out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} is a file")
     # a directory left by an attempt that failed before saving (only its metrics log) may be reused
@@ -391,16 +370,17 @@ def finetune_command(args) -> int:
     if leftovers:
         raise UserError(f"output directory {out_dir} exists and is not empty")
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    columns = Columns(text=args.text_column, text2=args.text2_column, label=args.label_column, header=False if args.no_header else None)
-    train_data = read_task_file(args.train, cfg.task, args.format, columns)
-    if args.valid:
-        valid_data = read_task_file(args.valid, cfg.task, args.format, columns)
+    fmt = None if cfg.format == "auto" else cfg.format
+    columns = Columns(text=cfg.text_column or None, text2=cfg.text2_column or None, label=cfg.label_column or None,
+                      header=False if cfg.no_header else None)  # fmt: skip
+    train_data = read_task_file(train_file, cfg.task, fmt, columns)
+    if valid_file:
+        valid_data = read_task_file(valid_file, cfg.task, fmt, columns)
         train, valid = train_data.examples, valid_data.examples
     else:
         valid_data = None
         train, valid = split_valid(train_data.examples, cfg.valid_fraction, cfg.seed)
-    base = load_base(args.run, device=resolve_device(cfg.device))
-    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    base = load_base(run, device=resolve_device(cfg.device))
     for name, data in (("train", train_data), ("valid", valid_data)):
         if data is not None and data.skipped:
             log(f"{name}: skipped {data.skipped} malformed row(s)")
@@ -411,9 +391,9 @@ def finetune_command(args) -> int:
     finally:
         metrics_log.close()
     data_info = {
-        "train": str(Path(args.train).resolve()),
-        "valid": str(Path(args.valid).resolve()) if args.valid else None,
-        "format": infer_format(Path(args.train), args.format),
+        "train": str(Path(train_file).resolve()),
+        "valid": str(Path(valid_file).resolve()) if valid_file else None,
+        "format": infer_format(Path(train_file), fmt),
         "columns": train_data.columns,
         "train_examples": len(train),
         "valid_examples": len(valid),
@@ -422,6 +402,18 @@ def finetune_command(args) -> int:
     save_finetuned(out_dir, result, base, cfg, data_info)
     metric = result.summary["metric"]
     log(f"done: {result.summary['steps']} steps in {hms(result.summary['elapsed_s'])} | best val_{metric} {result.metrics[metric]:.4f} | {out_dir}")
+    return {"out": str(out_dir), **result.summary}
+
+
+def finetune_command(args) -> int:
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(FinetuneConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    summary = finetune_run(args.run, args.train, args.out, cfg, valid_file=args.valid, log=log)
     if args.json:
-        print(json.dumps({"out": str(out_dir), **result.summary}))
+        print(json.dumps(summary))
     return 0
