@@ -175,7 +175,7 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_cfg.vocab_size} embedding rows")
     state = to_budgetlm_state(read_hf_weights(hf_dir), model_cfg)
     model = Transformer.on_meta(model_cfg)
-    expected = {k for k in model.state_dict() if not k.startswith("rope_")}
+    expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise UserError(f"cannot import: weights {'missing' if missing else 'unexpected'}: {', '.join(sorted(missing or unexpected)[:3])}")
@@ -183,17 +183,13 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise UserError(f"cannot import: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(tensor.shape)}")
 
-    from safetensors.torch import save_file
+    from budgetlm.checkpoint import save_weights_state
 
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = RunConfig(model=model_cfg, auto=False)
     save_config(run_cfg, out / CONFIG_FILE)
     tokenizer.save(out / TOKENIZER_FILE)
-    if model_cfg.tie_embeddings:
-        state.pop("output.weight")  # safetensors refuses shared tensors; loading re-ties
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS_FILE)
+    save_weights_state(out / WEIGHTS_FILE, state)  # a tied output is the embedding tensor itself: stored once
     write_json(out / "env.json", environment("cpu"))
     summary = {"source": str(hf_dir.resolve()), "architecture": hf.get("architectures", ["?"])[0], "run": str(out), "params": model.num_params()}
     write_json(out / "import.json", summary)

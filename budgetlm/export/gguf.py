@@ -164,7 +164,7 @@ def export_gguf(run, out: Path, dtype: str = "f16") -> dict:
     writer.add_add_eos_token(False)
 
     for name, tensor in model.state_dict().items():
-        if name.startswith("rope_") or (name == "output.weight" and cfg.tie_embeddings):
+        if name == "output.weight" and cfg.tie_embeddings:
             continue
         if name.endswith("attention.wq.weight"):
             tensor = permute(tensor, cfg.n_head)

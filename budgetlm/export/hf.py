@@ -104,7 +104,7 @@ def body_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The body's weights under HF names (`model.*`, `lm_head.weight` unless tied: safetensors refuses shared tensors)."""
     out = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("rope_") or (name == "output.weight" and model.cfg.tie_embeddings):
+        if name == "output.weight" and model.cfg.tie_embeddings:
             continue
         out[to_hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     return out

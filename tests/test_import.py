@@ -1,0 +1,125 @@
+"""`budgetlm import`: tiny random Hugging Face models saved locally become runs that compute the same
+logits, generate the same tokens, fine-tune, and export back to the same weights."""
+
+import json
+
+import pytest
+import torch
+
+from budgetlm.cli import main
+from budgetlm.errors import UserError
+from budgetlm.export import export
+from budgetlm.generate import generate
+from budgetlm.importer import import_hf
+from budgetlm.run import load_run
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TEXT = "the cat sat on the mat and the dog ran after the cat"
+
+
+def hf_tokenizer(eos="</s>"):
+    """A byte-level BPE as a transformers tokenizer whose end-of-text token is `eos` (Llama 2 names it so)."""
+    tk = tokenizers
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", eos, "<pad>"], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 20, trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>")
+
+
+def save_hf(path, arch="llama", **overrides):
+    """A random 2-layer model (grouped-query attention, untied head, vocabulary not a multiple of 64) saved with save_pretrained."""
+    tok = hf_tokenizer()
+    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1)  # fmt: skip
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}), ("qwen3", {"head_dim": 16})])
+def test_imported_run_computes_the_same_logits_and_greedy_tokens(tmp_path, arch, overrides):
+    hf, tok = save_hf(tmp_path / "hf", arch, **overrides)
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run")
+    assert run.model.cfg.qk_norm == (arch == "qwen3") and run.model.cfg.tie_embeddings == bool(overrides.get("tie_word_embeddings"))
+    idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(idx).logits.float()
+        torch.testing.assert_close(run.model(idx)[..., :300], theirs, atol=1e-5, rtol=0)
+    # the tokenizer: same ids, and its end-of-text token (</s> there) is what budgetlm stops at
+    assert run.tokenizer.encode(TEXT) == tok(TEXT)["input_ids"]
+    assert run.tokenizer.eos_id == tok.eos_token_id and run.tokenizer.decode(run.tokenizer.encode(TEXT)) == TEXT
+    prompt = torch.tensor([tok("the cat")["input_ids"]])
+    ours = generate(run.model, prompt, 12, temperature=0, eos_id=run.tokenizer.eos_id)
+    assert hf.generate(prompt, max_new_tokens=12, do_sample=False)[0].tolist() == ours[0].tolist()
+
+
+def test_import_then_export_gives_back_the_same_model(tmp_path):
+    save_hf(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    export(tmp_path / "run", tmp_path / "back")
+    from safetensors.torch import load_file
+
+    original, back = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name][: tensor.shape[0]], tensor), name  # budgetlm padded the vocabulary rows to 320
+    a, b = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "hf", tmp_path / "back"))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):
+        assert a[key] == b[key], key
+    assert a["rope_parameters"]["rope_theta"] == b["rope_parameters"]["rope_theta"]
+
+
+def test_imported_run_fine_tunes(tmp_path):
+    save_hf(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    rows = "".join(f"{'pos' if i % 2 else 'neg'},the cat sat {i}\n" for i in range(16))
+    (tmp_path / "train.csv").write_text(rows)
+    args = ["finetune", str(tmp_path / "run"), "--train", str(tmp_path / "train.csv"), "--out", str(tmp_path / "ft"), "--budget", "steps:2"]
+    assert main([*args, "--batch-size", "8"]) == 0
+    assert main(["predict", str(tmp_path / "ft"), "--input", str(tmp_path / "train.csv"), "--output", str(tmp_path / "pred.csv")]) == 0
+    assert len((tmp_path / "pred.csv").read_text().splitlines()) == 16
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}, "rope_type='linear'"),
+        ({"head_dim": 32}, "head_dim=32"),
+    ],
+)
+def test_options_budgetlm_lacks_are_refused_with_one_line(tmp_path, capsys, overrides, match):
+    save_hf(tmp_path / "hf", **overrides)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        import_hf(tmp_path, tmp_path / "run")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="cannot import architecture GPT2LMHeadModel"):
+        import_hf(tmp_path / "gpt2", tmp_path / "run")
+    save_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="has no weights"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
