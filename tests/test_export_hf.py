@@ -125,7 +125,10 @@ def data(tmp_path_factory):
 
 
 def _finetune(run, out, train, *extra):
-    assert main(["finetune", str(run), "--train", str(train), "--out", str(out), "--budget", "steps:3", "--batch-size", "8", "--lr", "1e-2", *extra]) == 0
+    assert (
+        main(["finetune", str(run), "--train", str(train), "--out", str(out), "--budget", "steps:3", "--batch-size", "8", "--lr", "1e-2", *extra])
+        == 0
+    )
     return out
 
 

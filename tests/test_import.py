@@ -33,12 +33,16 @@ def hf_tokenizer(eos="</s>"):
 def save_hf(path, arch="llama", **overrides):
     """A random 2-layer model (grouped-query attention, untied head, vocabulary not a multiple of 64) saved with save_pretrained."""
     tok = hf_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 500.0}
     kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=rope,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1)  # fmt: skip
     kwargs.update(overrides)
     torch.manual_seed(0)
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
     model = model_cls(config_cls(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -49,7 +53,9 @@ def save_hf(path, arch="llama", **overrides):
     return model, tok
 
 
-@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}), ("qwen3", {"head_dim": 16})])
+@pytest.mark.parametrize(
+    "arch, overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}), ("qwen3", {"head_dim": 16})]
+)
 def test_imported_run_computes_the_same_logits_and_greedy_tokens(tmp_path, arch, overrides):
     hf, tok = save_hf(tmp_path / "hf", arch, **overrides)
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
@@ -78,7 +84,15 @@ def test_import_then_export_gives_back_the_same_model(tmp_path):
     for name, tensor in original.items():
         assert torch.equal(back[name][: tensor.shape[0]], tensor), name  # budgetlm padded the vocabulary rows to 320
     a, b = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "hf", tmp_path / "back"))
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert a[key] == b[key], key
     assert a["rope_parameters"]["rope_theta"] == b["rope_parameters"]["rope_theta"]
 

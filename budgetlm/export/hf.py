@@ -126,10 +126,14 @@ def write_tokenizer(tokenizer, out: Path, seq_len: int, template: str | None = N
     hf = tokenizers.Tokenizer.from_str(tokenizer.to_str())
     if template == "causal-cls":
         eos = ("<|endoftext|>", tokenizer.eos_id)
-        hf.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1", special_tokens=[eos])
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1", special_tokens=[eos]
+        )
     elif template == "masked-cls":
         specials = [("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id)]
-        hf.post_processor = tokenizers.processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials)
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials
+        )
     if tokenizer.kind == "bpe":
         names = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
     else:
@@ -187,7 +191,9 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
     if meta["method"] == "prefix":
         raise UserError("cannot export a prefix-tuned model: no transformers model takes trained prefix keys/values (use --method lora or full)")
     if meta["method"] == "adapter":
-        raise UserError("cannot export a bottleneck-adapter model: no transformers Llama-family model has Houlsby adapters (use --method lora or full)")
+        raise UserError(
+            "cannot export a bottleneck-adapter model: no transformers Llama-family model has Houlsby adapters (use --method lora or full)"
+        )
     body = model.body
     cfg = body.cfg
     family = hf_family(cfg)
@@ -306,4 +312,3 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_tokenizer(tokenizer, out, model.body.cfg.seq_len, template)
     return {"format": "hf-peft", "architecture": arch, "task": meta["task"], "base": str(base_out), "out": str(out)}
-
