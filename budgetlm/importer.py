@@ -6,9 +6,10 @@
 Accepted: `LlamaForCausalLM`, `MistralForCausalLM` without a sliding window and `Qwen3ForCausalLM`
 (QK-norm) whose options budgetlm's model has: RMSNorm, a SiLU- or GELU-gated MLP without biases,
 no attention biases, plain rotary positions (no scaling), head_dim = hidden_size / heads. Anything
-else is refused with one line naming the option. The weights are a rename (`budgetlm.hf_names`);
-an embedding whose rows are not a multiple of 64 gets zero rows up to budgetlm's padded size,
-which the sampler never draws.
+else is refused with one line naming the option. The weights are a rename (`budgetlm.hf_names`).
+The run's vocabulary is the tokenizer's: the embedding and output keep their rows up to budgetlm's
+padded size (the tokenizer's ids rounded up to a multiple of 64), zero rows fill the rest, and
+rows past that (ids no token has, as in Qwen's 151936-row tables) are dropped.
 
 budgetlm names its document separator `<|endoftext|>` (byte-level BPE) or `[SEP]` (WordPiece); a
 tokenizer whose end-of-text token has another name (`</s>`, `<|end_of_text|>`) keeps its ids
@@ -112,9 +113,10 @@ def to_budgetlm_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         out["output.weight"] = out["tok_embeddings.weight"]
     padded = padded_vocab_size(cfg.vocab_size)
     for name in ("tok_embeddings.weight", "output.weight"):
-        w = out[name]
-        if w.shape[0] < padded:  # budgetlm pads the vocabulary to a multiple of 64; the extra rows are never drawn
-            out[name] = torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])])
+        w = out[name][:padded]  # rows past the tokenizer's ids (and budgetlm's padding) are not tokens
+        if w.shape[0] < padded:  # budgetlm pads the vocabulary to a multiple of 64 with rows the sampler never draws
+            w = torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])])
+        out[name] = w
     if cfg.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -173,6 +175,7 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
     tokenizer = import_tokenizer(hf_dir, hf)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_cfg.vocab_size} embedding rows")
+    model_cfg.vocab_size = tokenizer.vocab_size  # budgetlm's vocabulary is the tokenizer's; embedding rows past it are never drawn
     state = to_budgetlm_state(read_hf_weights(hf_dir), model_cfg)
     model = Transformer.on_meta(model_cfg)
     expected = set(model.state_dict())

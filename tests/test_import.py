@@ -32,9 +32,10 @@ def hf_tokenizer(eos="</s>"):
 
 def save_hf(path, arch="llama", **overrides):
     """A random 2-layer model (grouped-query attention, untied head, vocabulary not a multiple of 64) saved with save_pretrained."""
+    # vocab_size: the tokenizer's (not a multiple of 64)
     tok = hf_tokenizer()
     rope = {"rope_type": "default", "rope_theta": 500.0}
-    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=rope,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1)  # fmt: skip
     kwargs.update(overrides)
@@ -61,10 +62,12 @@ def test_imported_run_computes_the_same_logits_and_greedy_tokens(tmp_path, arch,
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     run = load_run(tmp_path / "run")
     assert run.model.cfg.qk_norm == (arch == "qwen3") and run.model.cfg.tie_embeddings == bool(overrides.get("tie_word_embeddings"))
-    idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    V = len(tok)
+    assert V % 64 and run.model.vocab_size == V
+    idx = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(idx).logits.float()
-        torch.testing.assert_close(run.model(idx)[..., :300], theirs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run.model(idx)[..., :V], theirs, atol=1e-5, rtol=0)
     # the tokenizer: same ids, and its end-of-text token (</s> there) is what budgetlm stops at
     assert run.tokenizer.encode(TEXT) == tok(TEXT)["input_ids"]
     assert run.tokenizer.eos_id == tok.eos_token_id and run.tokenizer.decode(run.tokenizer.encode(TEXT)) == TEXT
@@ -82,7 +85,7 @@ def test_import_then_export_gives_back_the_same_model(tmp_path):
     original, back = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
     assert set(back) == set(original)
     for name, tensor in original.items():
-        assert torch.equal(back[name][: tensor.shape[0]], tensor), name  # budgetlm padded the vocabulary rows to 320
+        assert torch.equal(back[name][: tensor.shape[0]], tensor), name  # budgetlm padded the vocabulary rows to a multiple of 64
     a, b = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "hf", tmp_path / "back"))
     for key in (
         "hidden_size",
@@ -97,9 +100,16 @@ def test_import_then_export_gives_back_the_same_model(tmp_path):
     assert a["rope_parameters"]["rope_theta"] == b["rope_parameters"]["rope_theta"]
 
 
-def test_imported_run_fine_tunes(tmp_path):
+def test_imported_run_evaluates_and_fine_tunes(tmp_path, capsys):
     save_hf(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
+    # eval: on a corpus prepared with the imported tokenizer
+    (tmp_path / "corpus.txt").write_text("".join(f"the cat {i} sat on the mat and the dog ran after cat {i * 7}.\n\n" for i in range(200)))
+    prep = ["--set", f"tokenizer_file={tmp_path / 'run' / 'tokenizer.json'}", "--set", "val_fraction=0.2", "--set", "txt_document_chars=400"]
+    assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), *prep]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--tokens", "256", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
     rows = "".join(f"{'pos' if i % 2 else 'neg'},the cat sat {i}\n" for i in range(16))
     (tmp_path / "train.csv").write_text(rows)
     args = ["finetune", str(tmp_path / "run"), "--train", str(tmp_path / "train.csv"), "--out", str(tmp_path / "ft"), "--budget", "steps:2"]
