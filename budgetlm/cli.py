@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML file")
     pt.add_argument("--budget", help="24h | 90m | 300s | tokens:2e9 | steps:5000")
     pt.add_argument("--resume", metavar="RUN", help="continue RUN on the same schedule and data order")
+    pt.add_argument("--init-from", metavar="RUN", help="a new run that starts from RUN's final weights and model (e.g. an imported one)")
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=3e-4")
     pt.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     add_config_flags(pt, RunConfig, dotted=True)

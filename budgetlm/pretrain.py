@@ -426,8 +426,9 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> Trainer:
-    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> Trainer:
+    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint); `init_from`:
+    a run whose final weights replace the initialisation (its model config is already cfg.model)."""
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -446,6 +447,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
     per_replica_seqs = global_seqs // dims.dp
     precision = choose_precision(cfg.train.precision, device)
     full, par = build_model(cfg, dims, dist, precision)
+    if init_from is not None:
+        ckpt.load_weights_any_layout(init_from, par.model)
     optimizer = build_optimizer(par.model, cfg.train, device.type)
     scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
     micro = choose_micro_batch(cfg, per_replica_seqs, par, optimizer, precision, device)
@@ -476,6 +479,11 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
         barrier()
     else:
         prepare_run_dir(run_dir, cfg, data, dist)
+        if init_from is not None and dist.rank == 0:
+            from budgetlm.finetune.labels import file_sha256
+
+            source = Path(init_from).resolve()
+            write_json(run_dir / "init.json", {"init_from": str(source), "weights_sha256": file_sha256(source / WEIGHTS_FILE)})
         if plan is not None and dist.rank == 0:
             write_json(run_dir / PLAN_FILE, plan.to_dict())
     return trainer
@@ -485,7 +493,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None) -> dict:
+def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
     """Train under cfg.budget into run_dir; returns the final metrics.
 
     With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
@@ -493,7 +501,7 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        summary = _pretrain(cfg, run_dir, resume, dist, user_keys)
+        summary = _pretrain(cfg, run_dir, resume, dist, user_keys, init_from)
     except BaseException:
         cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier to hang on
         raise
@@ -501,8 +509,8 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     return summary
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
-    t = setup(cfg, run_dir, resume, dist, user_keys)
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
+    t = setup(cfg, run_dir, resume, dist, user_keys, init_from)
     if t.state.done:
         if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
             print0(f"run {run_dir} already finished; nothing to resume")
@@ -734,13 +742,27 @@ def pretrain_command(args) -> int:
         summary = pretrain(cfg, run_dir, resume=True)
     else:
         cfg = resolve_config(args.recipe, args.budget, overrides, args.data)
+        user_keys = {item.split("=", 1)[0].strip() for item in overrides}
+        init_from = getattr(args, "init_from", None)
+        if init_from:  # the model is the other run's, every key of it fixed; the plan chooses only batch and learning rate
+            if any(k.startswith("model.") for k in user_keys):
+                raise UserError(f"--init-from takes the model from {init_from}: model.* keys cannot change")
+            if not (Path(init_from) / WEIGHTS_FILE).is_file():
+                raise UserError(f"--init-from {init_from}: no final weights ({WEIGHTS_FILE}) there")
+            cfg.model = run_config(Path(init_from)).model
+            user_keys |= {f"model.{k}" for k in cfg.model.__dataclass_fields__}
+            from budgetlm.data.tokenizer import Tokenizer
+
+            if cfg.data and PreparedData(cfg.data).tokenizer.sha256 != Tokenizer.load(Path(init_from) / TOKENIZER_FILE).sha256:
+                hint = f"prepare it with --set tokenizer_file={Path(init_from) / TOKENIZER_FILE}"
+                raise UserError(f"{cfg.data} was prepared with another tokenizer than {init_from}: {hint}")
         if not args.out:
             raise UserError("pass --out RUN, the run directory to create")
         run_dir = Path(args.out)
         if run_dir.exists() and any(run_dir.iterdir()):
             hint = " (continue it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
             raise UserError(f"run directory {run_dir} exists and is not empty{hint}")
-        summary = pretrain(cfg, run_dir, user_keys={item.split("=", 1)[0].strip() for item in overrides})
+        summary = pretrain(cfg, run_dir, user_keys=user_keys, init_from=Path(init_from) if init_from else None)
     if args.json:
         print(json.dumps(summary))
     return 0

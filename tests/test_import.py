@@ -147,3 +147,28 @@ def test_bad_directories(tmp_path):
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="has no weights"):
         import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_pretrain_init_from_an_imported_run_continues_from_its_weights(tmp_path, capsys):
+    save_hf(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    (tmp_path / "corpus.txt").write_text("".join(f"the dog {i} ran after the cat on the mat {i * 3}.\n\n" for i in range(200)))
+    prep = ["--set", f"tokenizer_file={tmp_path / 'run' / 'tokenizer.json'}", "--set", "val_fraction=0.2", "--set", "txt_document_chars=400"]
+    assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), *prep]) == 0
+    train = ["--data", str(tmp_path / "data"), "--set", "train.batch_tokens=256", "--set", "train.eval_tokens=256"]
+    # one step: the schedule's warm-up starts at learning rate 0, so the weights are still the imported ones
+    assert main(["pretrain", "--init-from", str(tmp_path / "run"), "--out", str(tmp_path / "cont"), "--budget", "steps:1", *train]) == 0
+    before, after = load_run(tmp_path / "run").model.state_dict(), load_run(tmp_path / "cont").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "cont" / "init.json").read_text())["init_from"] == str((tmp_path / "run").resolve())
+    assert main(["pretrain", "--resume", str(tmp_path / "cont"), "--budget", "steps:3"]) == 0  # and it trains on, resumably
+    assert not torch.equal(before["layers.0.attention.wq.weight"], load_run(tmp_path / "cont").model.state_dict()["layers.0.attention.wq.weight"])
+    capsys.readouterr()
+    bad = ["pretrain", "--init-from", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--budget", "steps:1"]
+    assert main([*bad, *train, "--set", "model.n_layer=3"]) == 2
+    assert "model.* keys cannot change" in capsys.readouterr().err
+    own_tokenizer = ["--set", "vocab_size=300", "--set", "val_fraction=0.2", "--set", "txt_document_chars=400"]
+    assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "other"), *own_tokenizer]) == 0
+    capsys.readouterr()
+    assert main([*bad, "--data", str(tmp_path / "other")]) == 2
+    assert "prepared with another tokenizer" in capsys.readouterr().err
