@@ -33,6 +33,7 @@ def _read(path):
         ("f32", {"tie_embeddings": False, "n_kv_head": 2}, 0.0),
         ("f16", {}, 1e-3),
         ("q8_0", {"n_kv_head": 1}, 0.02),  # 8-bit blocks of 32: error up to half a step of the block's scale
+        ("f32", {"qk_norm": True, "n_kv_head": 2}, 0.0),  # llama.cpp's qwen3: QK-norm, halves rotated as budgetlm does
     ],
 )
 def test_every_tensor_and_the_tokenizer_read_back(tmp_path, dtype, model, atol):
@@ -43,15 +44,16 @@ def test_every_tensor_and_the_tokenizer_read_back(tmp_path, dtype, model, atol):
     fields, tensors = _read(tmp_path / "m.gguf")
 
     n_kv = cfg.n_kv_head or cfg.n_head
+    arch = "qwen3" if cfg.qk_norm else "llama"
     expected = dict(run.model.state_dict())
     if cfg.tie_embeddings:
         del expected["output.weight"]  # llama.cpp reuses token_embd
     assert set(tensors) == {gguf_name(k) for k in expected}
     for name, want in expected.items():
         got, ggml_type = tensors[gguf_name(name)]
-        if name.endswith("attention.wq.weight"):
+        if arch == "llama" and name.endswith("attention.wq.weight"):
             got = unpermute(got, cfg.n_head)
-        elif name.endswith("attention.wk.weight"):
+        elif arch == "llama" and name.endswith("attention.wk.weight"):
             got = unpermute(got, n_kv)
         torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=name)
         if want.dim() == 1:
@@ -59,11 +61,12 @@ def test_every_tensor_and_the_tokenizer_read_back(tmp_path, dtype, model, atol):
         else:
             assert ggml_type.name == dtype.upper()
 
-    assert fields["general.architecture"] == "llama"
-    assert fields["llama.block_count"] == cfg.n_layer and fields["llama.attention.head_count_kv"] == n_kv
-    assert fields["llama.rope.dimension_count"] == cfg.n_embd // cfg.n_head
-    assert fields["llama.rope.freq_base"] == pytest.approx(cfg.rope_theta)
-    assert fields["llama.context_length"] == cfg.seq_len
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == cfg.n_layer and fields[f"{arch}.attention.head_count_kv"] == n_kv
+    assert fields[f"{arch}.rope.dimension_count"] == fields[f"{arch}.attention.key_length"] == cfg.n_embd // cfg.n_head
+    assert fields[f"{arch}.rope.freq_base"] == pytest.approx(cfg.rope_theta)
+    assert fields[f"{arch}.context_length"] == cfg.seq_len
+    assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert len(tokens) == run.model.padded_vocab_size == tensors["token_embd.weight"][0].shape[0]
@@ -88,7 +91,7 @@ def test_permutation_pairs_rotary_halves_as_llama_cpp_does():
 
 @pytest.mark.parametrize(
     "model, match",
-    [({"qk_norm": True}, "model.qk_norm"), ({"mlp": "geglu"}, "model.mlp"), ({"objective": "masked"}, "masked")],
+    [({"mlp": "geglu"}, "model.mlp"), ({"logit_softcap": 15.0}, "model.logit_softcap"), ({"objective": "masked"}, "masked")],
 )
 def test_what_llama_cpp_llama_cannot_run_is_refused(tmp_path, model, match):
     src = make_run(tmp_path / "run", **model)

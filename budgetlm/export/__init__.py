@@ -62,6 +62,5 @@ def export_command(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        what = summary.get("architecture") or f"GGUF {summary['dtype']}"
-        print(f"exported {args.source} as {what} -> {summary['out']}")
+        print(f"exported {args.source} as {summary['architecture']} -> {summary['out']}")
     return 0

@@ -1,20 +1,24 @@
 """A causal run as one llama.cpp GGUF file, written with the `gguf` package (llama.cpp's own writer).
 
-The layout is what llama.cpp's `convert_hf_to_gguf.py` writes for a `LlamaForCausalLM`:
+The layout is what llama.cpp's `convert_hf_to_gguf.py` writes for the Hugging Face model that
+`budgetlm export --format hf` writes: `llama` for a LlamaForCausalLM, `qwen3` for a run with
+QK-norm (Qwen3ForCausalLM; budgetlm's defaults choose QK-norm):
 
     token_embd.weight, output_norm.weight, output.weight (left out when tied: llama.cpp reuses token_embd)
     blk.{i}.attn_norm / attn_q / attn_k / attn_v / attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down .weight
-    llama.* hyper-parameters, tokenizer.ggml.* (model gpt2: byte-level BPE tokens, merges, token types, bos/eos/pad)
+    blk.{i}.attn_q_norm / attn_k_norm .weight (qwen3)
+    {arch}.* hyper-parameters, tokenizer.ggml.* (model gpt2: byte-level BPE tokens, merges, token types, bos/eos/pad)
 
-llama.cpp's Llama applies rotary positions to interleaved pairs (i, i+1) where budgetlm and
+llama.cpp's `llama` applies rotary positions to interleaved pairs (i, i+1) where budgetlm and
 Hugging Face pair i with i + head_dim/2, so the rows of attn_q / attn_k are permuted per head as
-the convert script's `LlamaModel.permute` does; `unpermute` undoes it (the tests use it).
+the convert script's `LlamaModel.permute` does; `unpermute` undoes it (the tests use it). Its
+`qwen3` rotates halves (NEOX style) like budgetlm, so nothing is permuted there.
 
 dtypes: f32, f16 (matrices in f16, norms in f32, as the convert script writes), q8_0 (matrices in
 llama.cpp's 8-bit blocks of 32; a matrix whose rows are not a multiple of 32 falls back to f16).
 The embedding keeps budgetlm's padded rows; the tokens past the tokenizer are `[PAD{id}]` of
 type UNUSED, as the convert script pads. Refused: what llama.cpp's Llama cannot compute the same
-way -- QK-norm, a GELU-gated MLP, LayerNorm, the embedding norm, the logit soft-cap -- and a
+way -- a GELU-gated MLP, LayerNorm, the embedding norm, the logit soft-cap -- and a
 lowercasing tokenizer (llama.cpp's gpt2 tokenizer has no normaliser; NFC, the default, is a
 no-op on text that is already NFC, as nearly all text is).
 """
@@ -43,6 +47,8 @@ _LAYER_NAMES = {
     "feed_forward.w1.weight": "ffn_gate.weight",
     "feed_forward.w3.weight": "ffn_up.weight",
     "feed_forward.w2.weight": "ffn_down.weight",
+    "attention.q_norm.weight": "attn_q_norm.weight",
+    "attention.k_norm.weight": "attn_k_norm.weight",
 }
 _TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
 
@@ -71,17 +77,17 @@ def check_gguf_compatible(cfg, tokenizer) -> None:
     refusals = {
         "norm": cfg.norm != "rmsnorm",
         "mlp": cfg.mlp != "swiglu",
-        "qk_norm": cfg.qk_norm,
         "embed_norm": cfg.embed_norm,
         "logit_softcap": cfg.logit_softcap > 0,
     }
     for option, bad in refusals.items():
         if bad:
-            raise UserError(f"cannot export to GGUF: model.{option}={getattr(cfg, option)!r} (llama.cpp's Llama has RMSNorm, SwiGLU, nothing else)")
-    if tokenizer.kind != "bpe":
-        raise UserError("cannot export to GGUF: the tokenizer is WordPiece; llama.cpp's Llama takes a byte-level BPE tokenizer")
-    normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
-    if "Lowercase" in json.dumps(normalizer):
+            raise UserError(f"cannot export to GGUF: model.{option}={getattr(cfg, option)!r} (llama.cpp's llama and qwen3: RMSNorm, SwiGLU)")
+    data = json.loads(tokenizer.to_str())
+    byte_level = data.get("model", {}).get("type") == "BPE" and "ByteLevel" in json.dumps(data.get("pre_tokenizer"))
+    if tokenizer.kind != "bpe" or not byte_level:
+        raise UserError("cannot export to GGUF: the tokenizer is not a byte-level BPE (llama.cpp's gpt2 tokenizer model)")
+    if "Lowercase" in json.dumps(data.get("normalizer")):
         raise UserError("cannot export to GGUF: the tokenizer lowercases its input and llama.cpp's gpt2 tokenizer cannot")
 
 
@@ -136,7 +142,8 @@ def export_gguf(run, out: Path, dtype: str = "f16") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     n_kv = cfg.n_kv_head or cfg.n_head
-    writer = gguf.GGUFWriter(str(out) + ".tmp", "llama")
+    arch = "qwen3" if cfg.qk_norm else "llama"
+    writer = gguf.GGUFWriter(str(out) + ".tmp", arch)
     writer.add_name(run.dir.name)
     writer.add_context_length(cfg.seq_len)
     writer.add_embedding_length(cfg.n_embd)
@@ -145,6 +152,8 @@ def export_gguf(run, out: Path, dtype: str = "f16") -> dict:
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
+    writer.add_key_length(cfg.n_embd // cfg.n_head)
+    writer.add_value_length(cfg.n_embd // cfg.n_head)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(model.padded_vocab_size)
@@ -166,9 +175,9 @@ def export_gguf(run, out: Path, dtype: str = "f16") -> dict:
     for name, tensor in model.state_dict().items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue
-        if name.endswith("attention.wq.weight"):
+        if arch == "llama" and name.endswith("attention.wq.weight"):
             tensor = permute(tensor, cfg.n_head)
-        elif name.endswith("attention.wk.weight"):
+        elif arch == "llama" and name.endswith("attention.wk.weight"):
             tensor = permute(tensor, n_kv)
         data, raw = _tensor_data(tensor, dtype)
         writer.add_tensor(gguf_name(name), data, raw_dtype=raw)
@@ -178,4 +187,4 @@ def export_gguf(run, out: Path, dtype: str = "f16") -> dict:
     writer.write_tensors_to_file()
     writer.close()
     Path(str(out) + ".tmp").replace(out)
-    return {"format": "gguf", "dtype": dtype, "out": str(out), "bytes": out.stat().st_size}
+    return {"format": "gguf", "architecture": f"GGUF {arch} {dtype}", "dtype": dtype, "out": str(out), "bytes": out.stat().st_size}

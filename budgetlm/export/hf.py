@@ -139,6 +139,8 @@ def write_tokenizer(tokenizer, out: Path, seq_len: int, template: str | None = N
     else:
         names = {"bos_token": "[CLS]", "eos_token": "[SEP]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
         names |= {"pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    names = {k: v for k, v in names.items() if v in vocab}  # an imported tokenizer may lack some; never add tokens here
     fast = PreTrainedTokenizerFast(tokenizer_object=hf, model_max_length=seq_len, clean_up_tokenization_spaces=False, **names)
     fast.save_pretrained(str(out))
 
