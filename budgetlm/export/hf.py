@@ -21,6 +21,7 @@ chosen so the function is the same; where no weights can make it the same, the e
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -163,19 +164,27 @@ def export_run(run, out: Path) -> dict:
         ids = special_token_ids(run.tokenizer)
         # the padded rows of the output projection are not tokens: budgetlm's sampler never draws them, nor may transformers'
         padded = list(range(run.model.vocab_size, run.model.padded_vocab_size))
-        gen = GenerationConfig(**ids, max_length=cfg.seq_len, suppress_tokens=padded or None)
+        gen = GenerationConfig(**ids, suppress_tokens=padded or None)
         gen.save_pretrained(str(out))
     return {"format": "hf", "architecture": arch, "out": str(out)}
 
 
-def _save(out: Path, config, state: dict[str, torch.Tensor]) -> None:
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomically, readable by everyone the umask allows (an export is made to be shared)."""
     from safetensors.torch import save_file
 
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    tmp.replace(path)
+
+
+def _save(out: Path, config, state: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS_FILE)
+    save_safetensors(state, out / WEIGHTS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +281,6 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
 
     Load with `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out/'base',
     num_labels=...), out)`, or `AutoPeftModelFor...` which finds the base through the adapter config."""
-    from safetensors.torch import save_file
-
     from budgetlm.run import load_run
 
     base_out = out / "base"
@@ -311,6 +318,6 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
         "use_dora": False,
     }
     write_json(out / "adapter_config.json", adapter_config)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, out / "adapter_model.safetensors")
     write_tokenizer(tokenizer, out, model.body.cfg.seq_len, template)
     return {"format": "hf-peft", "architecture": arch, "task": meta["task"], "base": str(base_out), "out": str(out)}
