@@ -118,6 +118,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ftdata")
     rows = [("pos" if i % 2 else "neg", f"the film was {WORDS[i % len(WORDS)]}") for i in range(24)]
     (d / "cls.csv").write_text("".join(f"{a},{b}\n" for a, b in rows))
+    (d / "reg.jsonl").write_text("".join(json.dumps({"text": b, "label": 3.0 + (a == "pos")}) + "\n" for a, b in rows))
     tag = {"the": "DT", "a": "DT", "dog": "NN", "cat": "NN", "mat": "NN", "sat": "VB", "on": "IN"}
     sents = [["the", ["dog", "cat"][i % 2], "sat", "on", "a", "mat"] for i in range(16)]
     (d / "pos.txt").write_text("".join(" ".join(f"{w}/{tag[w]}" for w in s) + "\n" for s in sents))
@@ -150,6 +151,7 @@ def _task_logits(model_dir, texts, task):
         ("causal", "tag", "lora", "pos.txt", "LlamaForTokenClassification"),
         ("masked", "classify", "lora", "cls.csv", "EuroBertForSequenceClassification"),
         ("masked", "tag", "full", "pos.txt", "EuroBertForTokenClassification"),
+        ("masked", "regress", "full", "reg.jsonl", "EuroBertForSequenceClassification"),
     ],
 )
 def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, data, objective, task, method, file, arch):
@@ -162,15 +164,26 @@ def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, dat
     assert type(hf).__name__ == arch
     texts = ["the dog sat on a mat", "a cat sat"] if task == "tag" else TEXTS
     ours, idx, mask, space = _task_logits(ft, texts, task)
-    assert hf.config.id2label == dict(enumerate(space.labels))
     with torch.no_grad():
         theirs = hf(input_ids=idx, attention_mask=mask).logits.float()
+    if task == "regress":  # budgetlm's head predicts the standardised target; the export the target itself
+        ours, theirs = ours * space.stats["std"] + space.stats["mean"], theirs.squeeze(-1)
+        assert hf.config.problem_type == "regression" and abs(space.stats["mean"] - 3.5) < 0.1
+    else:
+        assert hf.config.id2label == dict(enumerate(space.labels))
     if task == "tag":
         ours, theirs = ours[mask.bool()], theirs[mask.bool()]  # pads carry no labels
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     if task != "tag":  # the exported tokenizer encodes examples as fine-tuning did: the first text's ids are row 0
         tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
         assert tok(texts[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
+
+
+def test_causal_regression_head_is_refused(tmp_path, data, capsys):
+    ft = _finetune(make_run(tmp_path / "run"), tmp_path / "ft", data / "reg.jsonl", "--task", "regress")
+    capsys.readouterr()
+    assert main(["export", str(ft), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "causal regression head" in capsys.readouterr().err
 
 
 def test_lora_finetune_exports_unmerged_as_peft_adapter(tmp_path, data):

@@ -247,6 +247,8 @@ def _head(model, family: str, task: str, space, meta: dict) -> tuple[dict, dict[
         return {**extra, "classifier_pooling": pooling}, _eurobert_sequence_head(model, W, b), arch
     if model.pooling != "last":
         raise UserError(f"cannot export: {arch} pools the last token, this head pools '{model.pooling}'")
+    if task == "regress":
+        raise UserError(f"cannot export a causal regression head: it adds the target's mean, and {arch}'s score layer has no bias")
     if b is not None and b.abs().max() > 0:
         raise UserError(
             f"cannot export: {arch}'s score layer has no bias and this head's bias is not zero "
