@@ -729,7 +729,7 @@ def _samples(model: Transformer, data: PreparedData, cfg: RunConfig, device: tor
 def pretrain_command(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
-        if args.recipe or args.data or args.out or any(not o.startswith("parallel.") for o in overrides):
+        if args.recipe or args.data or args.out or getattr(args, "init_from", None) or any(not o.startswith("parallel.") for o in overrides):
             raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
         run_dir = Path(args.resume)
         cfg = run_config(run_dir)
