@@ -683,6 +683,12 @@ def _check_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, d: Pat
                 )
 
 
+def load_weights_any_layout(run_dir: str | Path, model: nn.Module) -> None:
+    """Load a run's final weights (`run_dir/model.safetensors`) into `model` in any layout: whole,
+    sharded (rank 0's full state scattered) or one pipeline stage (the tensors it holds)."""
+    _load_part(Path(run_dir), model, None)
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True, partial: bool = False
 ) -> dict:

@@ -43,6 +43,8 @@ COMMANDS = {
     "finetune": "budgetlm.finetune.train:finetune_command",
     "predict": "budgetlm.finetune.predict:predict_command",
     "suite": "budgetlm.evaluate.suite:suite_command",
+    "export": "budgetlm.export:export_command",
+    "import": "budgetlm.importer:import_command",
 }
 
 
@@ -132,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("run", metavar="RUN")
     su.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     add_settings(su, SuiteConfig)
+
+    # --- export / import ----------------------------------------------------------------------
+    ex = sub.add_parser("export", help="a run or fine-tuned directory as a Hugging Face directory or a llama.cpp GGUF file")
+    ex.add_argument("source", metavar="RUN", help="run directory, or fine-tuned directory (format hf)")
+    ex.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf: transformers directory; gguf: llama.cpp file")
+    ex.add_argument("--out", required=True, help="output directory (gguf: a .gguf file or a directory)")
+    ex.add_argument("--dtype", choices=["f32", "f16", "q8_0"], help="gguf weight type (default: f16)")
+    ex.add_argument("--peft", action="store_true", help="a LoRA fine-tune as an unmerged PEFT adapter (plus its base in OUT/base)")
+    ex.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    im = sub.add_parser("import", help="a local Hugging Face Llama-family directory becomes a run")
+    im.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, safetensors weights and tokenizer.json")
+    im.add_argument("--out", required=True, help="run directory to create")
+    im.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
 

@@ -29,7 +29,7 @@ from budgetlm.data.dataset import PreparedData
 from budgetlm.data.tokenizer import Tokenizer
 from budgetlm.errors import UserError
 from budgetlm.optim import extended_multiplier, lr_multiplier, ramp_progress
-from budgetlm.run import CHECKPOINT_DIR, TOKENIZER_FILE, run_config
+from budgetlm.run import CHECKPOINT_DIR, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 
 # model keys that change neither parameter shapes nor what the trained weights compute
 INIT_FROM_MODEL_KEYS = ("model.dropout", "model.attention", "model.seq_len")
@@ -93,8 +93,8 @@ def init_from_config(source: Path, data: str | None, budget: str | None, overrid
     settings, the new budget and data, and the overrides (no shape-changing model keys)."""
     source = Path(source)
     cfg = run_config(source)
-    if not (source / CHECKPOINT_DIR).is_dir():
-        raise UserError(f"run {source} has no checkpoint to start from")
+    if not (source / CHECKPOINT_DIR).is_dir() and not (source / WEIGHTS_FILE).is_file():
+        raise UserError(f"run {source} has no checkpoint or final weights ({WEIGHTS_FILE}) to start from")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith("model.") and key not in INIT_FROM_MODEL_KEYS:

@@ -431,7 +431,8 @@ class Trainer:
 
 
 def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> Trainer:
-    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
+    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint); `init_from`:
+    a run whose final weights replace the initialisation (its model config is already cfg.model)."""
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -482,9 +483,13 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
             save_config(cfg, run_dir / CONFIG_FILE)  # the budget and layout it continues with
         barrier()
     else:
-        if init_from is not None:
+        if init_from is not None and (init_from / CHECKPOINT_DIR).is_dir():
             loop = ckpt.load_checkpoint(init_from / CHECKPOINT_DIR, par.model, None, restore_rng=False, partial=dims.pp_enabled)
             print0(f"starting from the weights of {init_from} (step {loop['loop']['step']}, {loop['loop']['tokens']:,} tokens)")
+        elif init_from is not None:  # an imported run: final weights only
+            ckpt.load_weights_any_layout(init_from, par.model)
+            loop = {"loop": {"step": 0, "tokens": 0}}
+            print0(f"starting from the final weights of {init_from}")
         prepare_run_dir(run_dir, cfg, data, dist)
         if dist.rank == 0:
             if plan is not None:

@@ -104,7 +104,7 @@ def collate(batch: list[Encoded], pad_id: int, task: str) -> dict[str, torch.Ten
 class TaskModel(nn.Module):
     """Body + dropout + linear head. `kv_prefix` is set by prefix tuning (None otherwise)."""
 
-    def __init__(self, body: nn.Module, task: str, num_labels: int, dropout: float = 0.1, pooling: str = "auto"):
+    def __init__(self, body: nn.Module, task: str, num_labels: int, dropout: float = 0.1, pooling: str = "auto", head_bias: bool | None = None):
         super().__init__()
         self.body = body
         self.task = task
@@ -112,10 +112,15 @@ class TaskModel(nn.Module):
         self.pooling = ("last" if self.objective == "causal" else "mean") if pooling == "auto" else pooling
         n_embd = body.cfg.n_embd
         self.head_dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(n_embd, 1 if task == "regress" else num_labels)
+        if head_bias is None:
+            # a causal body's class scores come without a bias, as in transformers' `...ForSequenceClassification`
+            # (GPT-2, Llama: `score` has none), so the classifier exports to that class exactly
+            head_bias = not (self.objective == "causal" and task in ("classify", "pair"))
+        self.head = nn.Linear(n_embd, 1 if task == "regress" else num_labels, bias=head_bias)
         # small init keeps the untrained head's outputs near zero (a calm start for the body's gradients)
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
         self.kv_prefix: nn.Module | None = None
 
     def attention_mask(self, lengths: torch.Tensor, T: int) -> torch.Tensor | None:

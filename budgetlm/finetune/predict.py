@@ -83,7 +83,7 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu", me
     if base.get("random_init"):
         body = Transformer.build(run.config.model, device=torch.device(device))  # every weight is in the saved state
     space = LabelSpace(meta["task"], meta["labels"], meta["label_stats"], meta["fallback_label"])
-    model = TaskModel(body, meta["task"], space.num_labels(), dropout=0.0, pooling=meta["pooling"])
+    model = TaskModel(body, meta["task"], space.num_labels(), dropout=0.0, pooling=meta["pooling"], head_bias=meta.get("head_bias", True))
     opts = MethodOptions(**{**meta["method_options"], "lora_targets": tuple(meta["method_options"]["lora_targets"])})
     apply_method(model, meta["method"], opts)
     model.to(device)

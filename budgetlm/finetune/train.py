@@ -311,6 +311,7 @@ def save_finetuned(out_dir: Path, result: Result, base: Base, cfg: FinetuneConfi
         "label_stats": result.space.stats,
         "fallback_label": result.space.fallback,
         "pooling": result.model.pooling,
+        "head_bias": result.model.head.bias is not None,  # absent in directories written before it was recorded: True
         "max_len": min(cfg.max_len, base.body.cfg.seq_len),
         "base": base.info,
         "data": data_info,

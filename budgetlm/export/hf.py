@@ -1,0 +1,325 @@
+"""Runs and fine-tuned directories as Hugging Face `transformers` directories.
+
+Which family takes a budgetlm model is decided by its options, never approximated:
+
+    causal, RMSNorm, gated MLP (SwiGLU or GEGLU)         -> LlamaForCausalLM
+      ... with QK-norm                                   -> Qwen3ForCausalLM (RMSNorm on q/k per head, before rotary)
+    masked, RMSNorm, gated MLP, no QK-norm               -> EuroBertForMaskedLM (Llama's blocks without the causal mask)
+
+Everything else is refused with one line naming the option: LayerNorm (no Llama-layout family
+has it without biases), plain GELU / squared-ReLU MLPs (Llama's MLP is gated), the embedding
+norm, and the logit soft-cap (only Gemma 2 has one, and its blocks differ). The weights are a
+rename (`budgetlm.hf_names`): the rotary layout is already Hugging Face's "rotate-half".
+
+Fine-tuned directories become the family's `...ForSequenceClassification` (classify, pair,
+regress) or `...ForTokenClassification` (tag) with id2label/label2id, LoRA merged; with
+`peft=True` a LoRA fine-tune is written unmerged as a PEFT adapter next to an exported base.
+Where a head differs from budgetlm's (see `_eurobert_sequence_head`), the exported weights are
+chosen so the function is the same; where no weights can make it the same, the export refuses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from budgetlm.config import ModelConfig
+from budgetlm.errors import UserError
+from budgetlm.files import write_json
+from budgetlm.hf_names import to_hf_name
+
+WEIGHTS_FILE = "model.safetensors"
+LORA_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+GATED_ACT = {"swiglu": "silu", "geglu": "gelu"}  # budgetlm mlp -> HF hidden_act of the gated MLP (exact erf GELU)
+
+
+# ---------------------------------------------------------------------------------------------
+# which family
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """'llama', 'qwen3' or 'eurobert' for a model config, or UserError naming the option no family has."""
+    refusals = {
+        "norm": (cfg.norm != "rmsnorm", "the Llama-layout families (Llama, Qwen3, EuroBERT) use RMSNorm; train with model.norm=rmsnorm"),
+        "mlp": (cfg.mlp not in GATED_ACT, "their MLP is gated (swiglu or geglu); plain gelu and relu2 have no Hugging Face counterpart"),
+        "embed_norm": (cfg.embed_norm, "no Llama-layout family normalises the embeddings before the first block"),
+        "logit_softcap": (cfg.logit_softcap > 0, "only Gemma 2 soft-caps the logits, and its blocks differ from budgetlm's"),
+    }
+    for option, (bad, why) in refusals.items():
+        if bad:
+            raise UserError(f"cannot export to Hugging Face: model.{option}={getattr(cfg, option)!r} ({why})")
+    if cfg.objective == "masked":
+        if cfg.qk_norm:
+            raise UserError("cannot export to Hugging Face: model.qk_norm=True on a masked model (EuroBERT has no QK-norm)")
+        return "eurobert"
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def hf_config(cfg: ModelConfig, tokenizer, **extra):
+    """The transformers config of the family that holds `cfg`, special token ids from `tokenizer`."""
+    import transformers
+
+    from budgetlm.model import ffn_hidden_size, padded_vocab_size
+
+    family = hf_family(cfg)
+    kwargs = dict(
+        vocab_size=padded_vocab_size(cfg.vocab_size),  # the embedding's rows; ids past the tokenizer are never produced
+        hidden_size=cfg.n_embd,
+        intermediate_size=ffn_hidden_size(cfg),
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        head_dim=cfg.n_embd // cfg.n_head,
+        hidden_act=GATED_ACT[cfg.mlp],
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        attention_dropout=0.0,
+        initializer_range=cfg.init_std,
+        **special_token_ids(tokenizer),
+    )
+    if family == "llama":
+        config = transformers.LlamaConfig(**kwargs, mlp_bias=False, **extra)
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**kwargs, use_sliding_window=False, **extra)
+    else:
+        config = transformers.EuroBertConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
+    config.dtype = "float32"
+    return config
+
+
+def special_token_ids(tokenizer) -> dict:
+    """bos/eos/pad ids as HF configs name them. budgetlm has no separate start token: a causal model
+    sees <|endoftext|> before each document (as GPT-2), a masked one [CLS] (as BERT)."""
+    if tokenizer.kind == "bpe":
+        return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    return {"bos_token_id": tokenizer.cls_id, "eos_token_id": tokenizer.sep_id, "pad_token_id": tokenizer.pad_id}
+
+
+def body_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The body's weights under HF names (`model.*`, `lm_head.weight` unless tied: safetensors refuses shared tensors)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "output.weight" and model.cfg.tie_embeddings:
+            continue
+        out[to_hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def write_tokenizer(tokenizer, out: Path, seq_len: int, template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json with bos/eos/pad/unk/mask/cls/sep set, loadable by `AutoTokenizer`.
+
+    `template`: 'causal-cls' appends <|endoftext|> after each text, 'masked-cls' wraps texts as
+    [CLS] a [SEP] (b [SEP]) -- the way budgetlm's fine-tuning encodes examples, so
+    `tokenizer(text)` feeds an exported classifier exactly what it was trained on."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    if template == "causal-cls":
+        eos = ("<|endoftext|>", tokenizer.eos_id)
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1", special_tokens=[eos]
+        )
+    elif template == "masked-cls":
+        specials = [("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id)]
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials
+        )
+    if tokenizer.kind == "bpe":
+        names = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
+    else:
+        names = {"bos_token": "[CLS]", "eos_token": "[SEP]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+        names |= {"pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    names = {k: v for k, v in names.items() if v in vocab}  # an imported tokenizer may lack some; never add tokens here
+    fast = PreTrainedTokenizerFast(tokenizer_object=hf, model_max_length=seq_len, clean_up_tokenization_spaces=False, **names)
+    fast.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def export_run(run, out: Path) -> dict:
+    """A pretrained run -> `...ForCausalLM` / `...ForMaskedLM` directory. Returns a summary."""
+    from transformers import GenerationConfig
+
+    cfg = run.config.model
+    family = hf_family(cfg)
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "eurobert": "EuroBertForMaskedLM"}[family]
+    config = hf_config(cfg, run.tokenizer, architectures=[arch])
+    _save(out, config, body_state_dict(run.model))
+    write_tokenizer(run.tokenizer, out, cfg.seq_len)
+    if cfg.objective == "causal":
+        ids = special_token_ids(run.tokenizer)
+        # the padded rows of the output projection are not tokens: budgetlm's sampler never draws them, nor may transformers'
+        padded = list(range(run.model.vocab_size, run.model.padded_vocab_size))
+        gen = GenerationConfig(**ids, suppress_tokens=padded or None)
+        gen.save_pretrained(str(out))
+    return {"format": "hf", "architecture": arch, "out": str(out)}
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomically, readable by everyone the umask allows (an export is made to be shared)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    tmp.replace(path)
+
+
+def _save(out: Path, config, state: dict[str, torch.Tensor]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_safetensors(state, out / WEIGHTS_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuned classifiers
+
+
+def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
+    """A fine-tuned directory -> `...ForSequenceClassification` / `...ForTokenClassification`
+    (LoRA merged), or with `peft` a PEFT LoRA adapter directory plus the base it applies to (`out/base`)."""
+    from budgetlm.finetune.predict import load_finetuned
+
+    model, tokenizer, space, meta = load_finetuned(model_dir, merge=not peft)
+    if peft and meta["method"] != "lora":
+        raise UserError(f"--peft writes LoRA adapters; {model_dir} was fine-tuned with --method {meta['method']}")
+    if meta["method"] == "prefix":
+        raise UserError("cannot export a prefix-tuned model: no transformers model takes trained prefix keys/values (use --method lora or full)")
+    if meta["method"] == "adapter":
+        raise UserError(
+            "cannot export a bottleneck-adapter model: no transformers Llama-family model has Houlsby adapters (use --method lora or full)"
+        )
+    body = model.body
+    cfg = body.cfg
+    family = hf_family(cfg)
+    task = meta["task"]
+    config_extra, head, arch = _head(model, family, task, space, meta)
+    config = hf_config(cfg, tokenizer, architectures=[arch], **config_extra)
+    template = None if task == "tag" else ("causal-cls" if cfg.objective == "causal" else "masked-cls")
+    if peft:
+        return _export_peft(model, meta, family, config, head, arch, tokenizer, template, out)
+    state = {k: v for k, v in body_state_dict(body).items() if k != "lm_head.weight"}
+    _save(out, config, {**state, **head})
+    write_tokenizer(tokenizer, out, cfg.seq_len, template)
+    return {"format": "hf", "architecture": arch, "task": task, "method": meta["method"], "out": str(out)}
+
+
+def _head(model, family: str, task: str, space, meta: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(config additions, head weights under HF names, architecture) of a task model."""
+    prefix = {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert"}[family]
+    W = model.head.weight.detach().float()
+    b = model.head.bias.detach().float() if model.head.bias is not None else None
+    if task == "regress":
+        # budgetlm's head predicts the standardised target; fold the scale back in so the export predicts the target itself
+        mean, std = space.stats["mean"], space.stats["std"]
+        W, b = W * std, (b * std if b is not None else torch.zeros(1)) + mean
+        extra = {"num_labels": 1, "problem_type": "regression"}
+    else:
+        id2label = dict(enumerate(space.labels))
+        extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        extra["problem_type"] = "single_label_classification" if task != "tag" else None
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if task == "tag":
+        name = "classifier" if family == "eurobert" else "score"
+        head = {f"{name}.weight": W, f"{name}.bias": b if b is not None else torch.zeros(W.shape[0])}
+        return extra, head, f"{prefix}ForTokenClassification"
+    arch = f"{prefix}ForSequenceClassification"
+    if family == "eurobert":
+        pooling = {"mean": "mean", "first": "bos"}.get(model.pooling)
+        if pooling is None:
+            raise UserError(f"cannot export: EuroBertForSequenceClassification pools the first token or the mean, not '{model.pooling}'")
+        return {**extra, "classifier_pooling": pooling}, _eurobert_sequence_head(model, W, b), arch
+    if model.pooling != "last":
+        raise UserError(f"cannot export: {arch} pools the last token, this head pools '{model.pooling}'")
+    if task == "regress":
+        raise UserError(f"cannot export a causal regression head: it adds the target's mean, and {arch}'s score layer has no bias")
+    if b is not None and b.abs().max() > 0:
+        raise UserError(
+            f"cannot export: {arch}'s score layer has no bias and this head's bias is not zero "
+            "(fine-tune again: causal classifiers are trained without a head bias now)"
+        )
+    return extra, {"score.weight": W}, arch
+
+
+def _eurobert_sequence_head(model, W: torch.Tensor, b: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """EuroBERT's sequence head is classifier(GELU(dense(pooled))); budgetlm's is head(pooled).
+
+    With dense = identity plus a shift c on every unit, GELU sees pooled + c, and GELU(z) = z Phi(z)
+    equals z in fp32 once z >= 10 (1 - Phi(10) ~ 8e-24). An RMS-normalised vector has norm sqrt(C),
+    so no unit of the pooled (normed, gain-scaled, then averaged) state exceeds max|gain| sqrt(C):
+    c = that bound + 10 makes the GELU the identity for every possible input, and the classifier's
+    bias takes the shift back out: logits = W (pooled + c) + (b - W c)."""
+    C = model.body.cfg.n_embd
+    gain = model.body.norm.weight.detach().float().abs().max().item()
+    c = gain * math.sqrt(C) + 10.0
+    shift = torch.full((C,), c)
+    bias = (b if b is not None else torch.zeros(W.shape[0])) - W @ shift
+    return {"dense.weight": torch.eye(C), "dense.bias": shift, "classifier.weight": W, "classifier.bias": bias}
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA unmerged, in PEFT's format
+
+
+def _export_peft(model, meta, family, config, head, arch, tokenizer, template, out: Path) -> dict:
+    """out/adapter_config.json + out/adapter_model.safetensors (LoRA A/B under HF names, the head as
+    modules_to_save), tokenizer, and out/base: the base run exported as a plain LM directory.
+
+    Load with `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out/'base',
+    num_labels=...), out)`, or `AutoPeftModelFor...` which finds the base through the adapter config."""
+    from budgetlm.run import load_run
+
+    base_out = out / "base"
+    base_run = load_run(Path(meta["base"]["run"]))
+    export_run(base_run, base_out)
+    # the classification config (labels, pooling, pad id) goes with the adapter: the base is a plain LM
+    config.save_pretrained(str(out))
+    opts = meta["method_options"]
+    targets = sorted({LORA_TARGETS[t] for t in opts["lora_targets"]})
+    state = {}
+    for name, p in model.body.named_parameters():
+        if "lora_A" not in name and "lora_B" not in name:
+            continue
+        # peft names them layers.0.attention.wq.lora_A.default.weight; PEFT files drop the adapter name
+        module, kind = name.split(".lora_")
+        base_name = to_hf_name(module + ".weight")[: -len(".weight")]
+        state[f"base_model.model.{base_name}.lora_{kind.split('.')[0]}.weight"] = p.detach().float().contiguous()
+    for k, v in head.items():
+        state[f"base_model.model.{k}"] = v.contiguous()
+    task_type = "TOKEN_CLS" if meta["task"] == "tag" else "SEQ_CLS"
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(base_out.resolve()),
+        "r": opts["lora_rank"],
+        "lora_alpha": opts["lora_alpha"],
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "modules_to_save": sorted({k.split(".")[0] for k in head}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    write_json(out / "adapter_config.json", adapter_config)
+    save_safetensors(state, out / "adapter_model.safetensors")
+    write_tokenizer(tokenizer, out, model.body.cfg.seq_len, template)
+    return {"format": "hf-peft", "architecture": arch, "task": meta["task"], "base": str(base_out), "out": str(out)}

@@ -1,0 +1,239 @@
+"""`budgetlm export --format hf`: each exported kind loads with transformers' Auto classes alone and
+computes budgetlm's logits (fp32, 1e-5); the tokenizer round-trips; greedy generation matches;
+options no Hugging Face family holds are refused with one line."""
+
+import json
+
+import pytest
+import torch
+
+from budgetlm.checkpoint import save_weights
+from budgetlm.cli import main
+from budgetlm.config import ModelConfig, RunConfig, save_config
+from budgetlm.data.tokenizer import train_tokenizer
+from budgetlm.errors import UserError
+from budgetlm.export import export
+from budgetlm.finetune.heads import collate, encode_examples
+from budgetlm.finetune.predict import load_finetuned
+from budgetlm.finetune.tasks import Example
+from budgetlm.generate import generate
+from budgetlm.model import Transformer
+from budgetlm.run import load_run
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+WORDS = "the a good bad film movie great awful plot actor boring fun dull fine dog cat sat on mat".split()
+TEXTS = ["the film was good and the plot was fun", "a dog sat on the mat", "awful"]
+ATOL = 1e-5
+
+
+def make_run(path, objective="causal", seed=0, **model):
+    """A 2-layer, 64-wide run with random weights, its norm gains away from 1 so a mapping slip shows."""
+    path.mkdir(parents=True, exist_ok=True)
+    kind = "bpe" if objective == "causal" else "wordpiece"
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    tok = train_tokenizer(kind, texts, vocab_size=300, min_frequency=1)
+    defaults = dict(objective=objective, n_layer=2, n_head=4, n_embd=64, vocab_size=tok.vocab_size, seq_len=64, mlp="swiglu", norm="rmsnorm",
+                    rope_theta=500.0, norm_eps=1e-6, init_std=0.1)  # fmt: skip
+    cfg = RunConfig(model=ModelConfig(**{**defaults, **model}))
+    torch.manual_seed(seed)
+    m = Transformer.build(cfg.model)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    save_config(cfg, path / "config.yaml")
+    tok.save(path / "tokenizer.json")
+    save_weights(path / "model.safetensors", m)
+    return path
+
+
+def _idx(run, n=40, seed=1):
+    return torch.randint(0, run.model.vocab_size, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "model, arch",
+    [
+        ({}, "LlamaForCausalLM"),  # tied, multi-head
+        ({"tie_embeddings": False, "n_kv_head": 2}, "LlamaForCausalLM"),  # untied head, grouped-query attention
+        ({"mlp": "geglu", "n_kv_head": 1}, "LlamaForCausalLM"),  # GELU-gated MLP: Llama's hidden_act=gelu
+        ({"qk_norm": True, "tie_embeddings": False}, "Qwen3ForCausalLM"),  # QK-norm: Qwen3 has it, Llama does not
+    ],
+)
+def test_causal_run_exports_with_equal_logits_and_greedy_tokens(tmp_path, model, arch):
+    src = make_run(tmp_path / "run", **model)
+    assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    run = load_run(src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == arch
+    idx = _idx(run)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits.float(), run.model(idx), atol=ATOL, rtol=0)
+    # greedy generation, stopping at <|endoftext|> like `budgetlm generate --temperature 0`
+    prompt = torch.tensor([run.tokenizer.encode("the film")])
+    ours = generate(run.model, prompt, 20, temperature=0, eos_id=run.tokenizer.eos_id)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert theirs[0].tolist() == ours[0].tolist()
+
+
+def test_tokenizer_round_trip_and_special_tokens(tmp_path):
+    src = make_run(tmp_path / "run")
+    export(src, tmp_path / "hf")
+    ours = load_run(src).tokenizer
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*TEXTS, "Ünïcödé and  spaces\n\ttabs", ""]:
+        ids = tok(text)["input_ids"]
+        assert ids == ours.encode(text)
+        assert tok.decode(ids) == ours.decode(ids) == text
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (ours.eos_id, ours.pad_id)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (ours.eos_id, ours.pad_id)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.eos_id and gen["suppress_tokens"][0] == ours.vocab_size
+
+
+def test_masked_run_exports_as_eurobert(tmp_path):
+    src = make_run(tmp_path / "run", objective="masked", mlp="geglu", tie_embeddings=False)
+    export(src, tmp_path / "hf")
+    run = load_run(src)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "EuroBertForMaskedLM"
+    idx = _idx(run)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits.float(), run.model(idx), atol=ATOL, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok(TEXTS[0], add_special_tokens=False)["input_ids"] == run.tokenizer.encode(TEXTS[0])
+    assert (tok.mask_token_id, tok.pad_token_id, tok.cls_token_id) == (run.tokenizer.mask_id, run.tokenizer.pad_id, run.tokenizer.cls_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuned classifiers
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ftdata")
+    rows = [("pos" if i % 2 else "neg", f"the film was {WORDS[i % len(WORDS)]}") for i in range(24)]
+    (d / "cls.csv").write_text("".join(f"{a},{b}\n" for a, b in rows))
+    (d / "reg.jsonl").write_text("".join(json.dumps({"text": b, "label": 3.0 + (a == "pos")}) + "\n" for a, b in rows))
+    tag = {"the": "DT", "a": "DT", "dog": "NN", "cat": "NN", "mat": "NN", "sat": "VB", "on": "IN"}
+    sents = [["the", ["dog", "cat"][i % 2], "sat", "on", "a", "mat"] for i in range(16)]
+    (d / "pos.txt").write_text("".join(" ".join(f"{w}/{tag[w]}" for w in s) + "\n" for s in sents))
+    return d
+
+
+def _finetune(run, out, train, *extra):
+    assert (
+        main(["finetune", str(run), "--train", str(train), "--out", str(out), "--budget", "steps:3", "--batch-size", "8", "--lr", "1e-2", *extra])
+        == 0
+    )
+    return out
+
+
+def _task_logits(model_dir, texts, task):
+    """budgetlm's logits for `texts` and the padded batch they were computed on."""
+    model, tok, space, meta = load_finetuned(model_dir)
+    examples = [Example(t.split() if task == "tag" else t, None) for t in texts]
+    batch = collate(encode_examples(tok, model.objective, task, examples, 64, None, None), tok.pad_id, task)
+    with torch.no_grad():
+        logits = model(batch["idx"], batch["lengths"])
+    mask = (torch.arange(batch["idx"].shape[1])[None] < batch["lengths"][:, None]).long()
+    return logits, batch["idx"], mask, space
+
+
+@pytest.mark.parametrize(
+    "objective, task, method, file, arch",
+    [
+        ("causal", "classify", "full", "cls.csv", "LlamaForSequenceClassification"),
+        ("causal", "tag", "lora", "pos.txt", "LlamaForTokenClassification"),
+        ("masked", "classify", "lora", "cls.csv", "EuroBertForSequenceClassification"),
+        ("masked", "tag", "full", "pos.txt", "EuroBertForTokenClassification"),
+        ("masked", "regress", "full", "reg.jsonl", "EuroBertForSequenceClassification"),
+    ],
+)
+def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, data, objective, task, method, file, arch):
+    base = make_run(tmp_path / "run", objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
+    fmt = ["--format", "tagged"] if file.endswith(".txt") else []
+    ft = _finetune(base, tmp_path / "ft", data / file, "--task", task, "--method", method, *fmt)
+    assert main(["export", str(ft), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    auto = transformers.AutoModelForTokenClassification if task == "tag" else transformers.AutoModelForSequenceClassification
+    hf = auto.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == arch
+    texts = ["the dog sat on a mat", "a cat sat"] if task == "tag" else TEXTS
+    ours, idx, mask, space = _task_logits(ft, texts, task)
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask).logits.float()
+    if task == "regress":  # budgetlm's head predicts the standardised target; the export the target itself
+        ours, theirs = ours * space.stats["std"] + space.stats["mean"], theirs.squeeze(-1)
+        assert hf.config.problem_type == "regression" and abs(space.stats["mean"] - 3.5) < 0.1
+    else:
+        assert hf.config.id2label == dict(enumerate(space.labels))
+    if task == "tag":
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]  # pads carry no labels
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    if task != "tag":  # the exported tokenizer encodes examples as fine-tuning did: the first text's ids are row 0
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert tok(texts[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
+
+
+def test_causal_regression_head_is_refused(tmp_path, data, capsys):
+    ft = _finetune(make_run(tmp_path / "run"), tmp_path / "ft", data / "reg.jsonl", "--task", "regress")
+    capsys.readouterr()
+    assert main(["export", str(ft), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "causal regression head" in capsys.readouterr().err
+
+
+def test_lora_finetune_exports_unmerged_as_peft_adapter(tmp_path, data):
+    base = make_run(tmp_path / "run")
+    ft = _finetune(base, tmp_path / "ft", data / "cls.csv", "--method", "lora", "--lora-targets", "wq,wv,w2")
+    assert main(["export", str(ft), "--format", "hf", "--peft", "--out", str(tmp_path / "peft")]) == 0
+    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"] and adapter["modules_to_save"] == ["score"]
+    labels = transformers.AutoConfig.from_pretrained(tmp_path / "peft")
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base", config=labels)
+    hf = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
+    ours, idx, mask, _ = _task_logits(ft, TEXTS, "classify")
+    with torch.no_grad():
+        lora = hf(input_ids=idx, attention_mask=mask).logits.float()
+        torch.testing.assert_close(lora, ours, atol=ATOL, rtol=0)
+        hf.base_model.model.model.layers[0].self_attn.q_proj.merge()  # the adapter carries a real update
+        with hf.disable_adapter():
+            assert not torch.allclose(hf(input_ids=idx, attention_mask=mask).logits.float(), ours, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+@pytest.mark.parametrize(
+    "model, option",
+    [
+        ({"norm": "layernorm"}, "model.norm"),
+        ({"mlp": "relu2"}, "model.mlp"),
+        ({"logit_softcap": 15.0}, "model.logit_softcap"),
+        ({"embed_norm": True}, "model.embed_norm"),
+    ],
+)
+def test_options_no_family_holds_are_refused_with_one_line(tmp_path, capsys, model, option):
+    src = make_run(tmp_path / "run", **model)
+    assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_bad_sources_and_formats(tmp_path, capsys):
+    src = make_run(tmp_path / "run")
+    with pytest.raises(UserError, match="neither a budgetlm run"):
+        export(tmp_path, tmp_path / "out")
+    with pytest.raises(UserError, match="unknown export format"):
+        export(src, tmp_path / "out", fmt="onnx")
+    (src / "model.safetensors").rename(src / "elsewhere.safetensors")
+    with pytest.raises(UserError, match="no final weights"):
+        export(src, tmp_path / "out")
+    with pytest.raises(SystemExit) as exc:  # the command line's own choice check
+        main(["export", str(src), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
