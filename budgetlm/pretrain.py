@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,6 +356,7 @@ class Trainer:
     peak: float
     peak_source: str
     cost: dict = field(default_factory=lambda: {"eval": 0.0, "save": 0.0})  # seconds of the last evaluation / save
+    loss_fn: Callable | None = None  # (model, (x, y)) -> loss; None: the language-modelling loss (distillation passes its own)
     seq_len: int = 0  # this step's training sequence length (train.seq_warmup); 0 until fit sets it
 
     @property
@@ -426,8 +428,9 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> Trainer:
-    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint)."""
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_weights: Path | None = None) -> Trainer:
+    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint). A fresh run
+    starts from `init_weights` (a weights file of the same shapes) when given, else from `init_weights()`."""
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -446,6 +449,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
     per_replica_seqs = global_seqs // dims.dp
     precision = choose_precision(cfg.train.precision, device)
     full, par = build_model(cfg, dims, dist, precision)
+    if init_weights is not None and not resume:
+        ckpt.load_weights(init_weights, par.model)
     optimizer = build_optimizer(par.model, cfg.train, device.type)
     scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
     micro = choose_micro_batch(cfg, per_replica_seqs, par, optimizer, precision, device)
@@ -485,15 +490,24 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None) -> dict:
+def pretrain(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    user_keys: set[str] | None = None,
+    init_weights: Path | None = None,
+    loss_fn: Callable | None = None,
+) -> dict:
     """Train under cfg.budget into run_dir; returns the final metrics.
 
     With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
-    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget."""
+    default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget.
+    `init_weights` starts from trained weights instead of a fresh initialisation (a pruned model's
+    recovery); `loss_fn(model, (x, y))` replaces the language-modelling loss (distillation)."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        summary = _pretrain(cfg, run_dir, resume, dist, user_keys)
+        summary = _pretrain(cfg, run_dir, resume, dist, user_keys, init_weights, loss_fn)
     except BaseException:
         cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier to hang on
         raise
@@ -501,8 +515,10 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     return summary
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None) -> dict:
-    t = setup(cfg, run_dir, resume, dist, user_keys)
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None,
+              init_weights: Path | None = None, loss_fn: Callable | None = None) -> dict:  # fmt: skip
+    t = setup(cfg, run_dir, resume, dist, user_keys, init_weights)
+    t.loss_fn = loss_fn
     if t.state.done:
         if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
             print0(f"run {run_dir} already finished; nothing to resume")
@@ -543,7 +559,7 @@ def fit(t: Trainer) -> None:
     cfg, state, clock = t.cfg, t.state, t.clock
     flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
-    loss_fn = functools.partial(_loss, z_loss=cfg.train.z_loss)
+    loss_fn = t.loss_fn or functools.partial(_loss, z_loss=cfg.train.z_loss)
     if t.par.compiled == "model+loss":
         loss_fn = torch.compile(loss_fn)  # compiles on the first step, on the clock
     sp = t.dims.tp if t.dims.tp_enabled and cfg.parallel.sequence_parallel else 1  # lengths must split over the TP ranks
