@@ -428,7 +428,9 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_weights: Path | None = None) -> Trainer:
+def setup(
+    cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_weights: Path | None = None
+) -> Trainer:
     """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint). A fresh run
     starts from `init_weights` (a weights file of the same shapes) when given, else from `init_weights()`."""
     device = dist.device

@@ -74,8 +74,9 @@ def test_quantized_run_reloads_as_saved_and_evaluates(trained, tmp_path, capsys,
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["method"] == method and record["size_after_bytes"] < record["size_before_bytes"]
     loaded = load_run(out).model
-    linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for n, m in loaded.named_modules() if n.startswith("layers.") and isinstance(m, torch.nn.Linear)]
     assert linears and all(is_quantized(m.weight) for m in linears)  # not float weights re-quantized at load
+    assert loaded.output.weight is loaded.tok_embeddings.weight  # the tied head stays tied (and float), stored once
     reference = quantize_model(load_run(trained).model, method, torch.device("cpu"))
     x = batch(reference)
     with torch.no_grad():
@@ -85,6 +86,19 @@ def test_quantized_run_reloads_as_saved_and_evaluates(trained, tmp_path, capsys,
     before, after = eval_json(trained, capsys), eval_json(out, capsys)
     assert after["val_bpb"] == pytest.approx(before["val_bpb"], rel=0.05)
     assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+
+
+def test_quantized_run_fine_tunes_with_lora_and_refuses_full(trained, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert compress(trained, "--method", "int8", "--out", out) == 0
+    rows = [f"{'pos' if i % 2 else 'neg'},the {'good' if i % 2 else 'bad'} film {i}" for i in range(24)]
+    (tmp_path / "cls.csv").write_text("label,text\n" + "\n".join(rows) + "\n")
+    ft = ["finetune", str(out), "--train", str(tmp_path / "cls.csv"), "--epochs", "1", "--out"]
+    assert main([*ft, str(tmp_path / "lora"), "--method", "lora"]) == 0
+    assert main(["predict", str(tmp_path / "lora"), "--input", str(tmp_path / "cls.csv"), "--output", str(tmp_path / "pred.csv")]) == 0
+    capsys.readouterr()
+    assert main([*ft, str(tmp_path / "full"), "--method", "full"]) == 2
+    assert "--method lora, adapter or prefix" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -116,7 +130,10 @@ def test_int4_on_gpu_reloads_as_saved(trained, tmp_path, capsys):
 # structured pruning
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"mlp": "relu2", "qk_norm": True}, {"objective": "masked", "mlp": "geglu", "norm": "layernorm"}])
+MASKED = {"objective": "masked", "mlp": "geglu", "norm": "layernorm"}
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"mlp": "relu2", "qk_norm": True}, MASKED])
 def test_pruned_model_equals_the_original_with_those_units_switched_off(kw):
     torch.manual_seed(0)
     model = Transformer.build(ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=100, seq_len=16, **kw)).eval()

@@ -131,7 +131,8 @@ def keep_for_speedup(model, speedup: float) -> float:
     head = 2 * model.output.weight.numel()
     keep = ((blocks + head) / speedup - head) / blocks
     if keep <= 0:
-        raise UserError(f"a {speedup:g}x speed-up is out of reach: the output projection alone costs {head / (blocks + head):.0%} of the forward pass")
+        share = head / (blocks + head)
+        raise UserError(f"a {speedup:g}x speed-up is out of reach: the output projection alone costs {share:.0%} of the forward pass")
     return keep
 
 

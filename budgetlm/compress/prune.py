@@ -21,7 +21,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from budgetlm.config import ModelConfig
 from budgetlm.errors import UserError
@@ -60,7 +59,7 @@ class Gates:
         self.group = cfg.n_head // (cfg.n_kv_head or cfg.n_head)  # query heads per key/value head
         dev = model.tok_embeddings.weight.device
         self.heads, self.neurons, self.layers = {}, {}, {}
-        for key, block in model.layers.items():
+        for key in model.layers:
             i = int(key)
             n_head, n_kv, ffn = layer_sizes(cfg, i)
             self.heads[i] = torch.ones(n_kv, device=dev, requires_grad=requires_grad)
@@ -232,7 +231,7 @@ def apply_plan(model: Transformer, plan: PrunePlan) -> Transformer:
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
-            dev_idx = lambda idx: idx.to(t.device)
+            dev_idx = lambda idx, t=t: idx.to(t.device)
             if rest == "attention.wq.weight":
                 t = t.index_select(0, dev_idx(q_rows))
             elif rest in ("attention.wk.weight", "attention.wv.weight"):

@@ -6,8 +6,9 @@
               integer matmuls where the CPU/GPU has them
     int4      int4 weights in groups of 128 (GPU only: torchao's int4 kernels need CUDA)
 
-Every `nn.Linear` is quantized, the output projection included (with tied embeddings it becomes
-its own int8 copy: the embedding table stays float for the lookup). Norm gains stay float.
+Every `nn.Linear` of the blocks is quantized, and the output projection when it has its own matrix;
+a projection tied to the embedding table stays float with it (an int8 copy would store the table
+twice, and the lookup needs the float one). Norm gains stay float.
 
 Saved form: torchao's tensor subclasses flattened into one safetensors file (their inner tensors,
 `qdata`, `scale`, ..., plus a JSON description of each subclass in the file's metadata, through
@@ -17,7 +18,7 @@ quantized again, so a reloaded model computes exactly what the in-memory one did
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import torch
@@ -30,11 +31,20 @@ INT4_GROUP = 128  # torchao's default group size for int4 weight-only
 
 
 def _torchao():
+    # torchao warns on import about its CUDA-only kernel libraries on a CPU machine, and torch about
+    # torchao's pytree registrations: nothing a user can act on, so not on their terminal
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
         from torchao.quantization import quantize_
     except ImportError:
         raise UserError("quantization needs torchao: pip install 'budgetlm[train]'") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return quantize_
 
 
@@ -43,9 +53,9 @@ def check_quantize(method: str, device: torch.device, model: nn.Module) -> None:
     if method == "int4":
         if device.type != "cuda":
             raise UserError("--method int4 needs a CUDA GPU (torchao's int4 kernels); on CPU use int8 or int8-dyn")
-        small = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % INT4_GROUP]
+        small = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % INT4_GROUP]
         if small:
-            raise UserError(f"--method int4 quantizes in groups of {INT4_GROUP} inputs; layer '{small[0]}' has {model.get_submodule(small[0]).in_features}")
+            raise UserError(f"--method int4 quantizes in groups of {INT4_GROUP} inputs; layer '{small[0][0]}' has {small[0][1]}")
 
 
 def quant_config(method: str):
@@ -68,8 +78,14 @@ def quantize_model(model: nn.Module, method: str, device: torch.device) -> nn.Mo
     model.to(device).eval()
     if method == "int4":
         model.to(torch.bfloat16)  # torchao's int4 kernels take bf16 activations
-    quantize_(model, quant_config(method), filter_fn=lambda m, name: isinstance(m, nn.Linear))
+    tied = _tied(model)
+    quantize_(model, quant_config(method), filter_fn=lambda m, name: isinstance(m, nn.Linear) and not (tied and name == "output"))
     return model
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the output projection shares the embedding table (budgetlm's default)."""
+    return getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None and model.cfg.tie_embeddings
 
 
 def is_quantized(t: torch.Tensor) -> bool:
@@ -83,8 +99,10 @@ def save_quantized(model: nn.Module, path: Path) -> None:
 
     state = {}
     for name, t in model.state_dict().items():
+        if name == "output.weight" and _tied(model):
+            continue  # stored once, as the embedding; loading ties it again
         t = t.detach()
-        state[name] = t if is_quantized(t) else t.contiguous().clone()  # clone: a tied tensor is stored under each name
+        state[name] = t if is_quantized(t) else t.contiguous()
     tensors, metadata = flatten_tensor_state_dict(state)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -108,7 +126,7 @@ def load_quantized(model: nn.Module, path: Path, device: torch.device) -> nn.Mod
     if "tensor_names" not in metadata:
         raise UserError(f"{path} holds no quantized model (no torchao metadata)")
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
-    expected = model.state_dict()
+    expected = [k for k in model.state_dict() if not (k == "output.weight" and _tied(model))]
     missing = [k for k in expected if k not in state]
     if missing or leftover:
         raise UserError(f"{path} does not match this model: {'missing ' + missing[0] if missing else 'extra ' + next(iter(leftover))}")
@@ -119,6 +137,8 @@ def load_quantized(model: nn.Module, path: Path, device: torch.device) -> nn.Mod
             setattr(module, attr, nn.Parameter(t, requires_grad=False))
         else:
             setattr(module, attr, t)
+    if _tied(model):
+        model.tie_weights()  # the new embedding Parameter serves the output projection again
     model.requires_grad_(False)
     return model.eval()
 
@@ -130,6 +150,3 @@ def quantized_summary(model: nn.Module) -> dict:
             kinds[type(p).__name__] = kinds.get(type(p).__name__, 0) + 1
     return {"quantized_tensors": kinds}
 
-
-def describe(meta: dict) -> str:
-    return json.dumps(meta)

@@ -51,6 +51,8 @@ def apply_method(model: nn.Module, method: str, opts: MethodOptions) -> nn.Modul
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose one of {', '.join(METHODS)})")
     body = model.body
+    if method == "full" and any(hasattr(p, "tensor_data_names") for p in body.parameters()):  # torchao's quantized tensors
+        raise UserError("a quantized run cannot train its own weights: fine-tune it with --method lora, adapter or prefix")
     body.requires_grad_(method == "full")
     if method == "lora":
         _apply_lora(body, opts)
@@ -119,6 +121,8 @@ def merge_lora(model: nn.Module) -> int:
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
+            if hasattr(module.get_base_layer().weight, "tensor_data_names"):
+                continue  # a quantized (torchao) base keeps its update beside it: folding it in would mean quantizing again
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
