@@ -743,6 +743,10 @@ def pretrain_command(args) -> int:
             raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
         run_dir = Path(args.resume)
         cfg = run_config(run_dir)
+        from budgetlm.compress import compression_info
+
+        if (compression_info(run_dir) or {}).get("method") == "distill":
+            raise UserError(f"{run_dir} is a distilled student: its loss needs the teacher, and --resume would train it without; distill again")
         if not (run_dir / CHECKPOINT_DIR).is_dir():
             raise UserError(f"run {run_dir} has no checkpoint to resume from")
         if args.budget:

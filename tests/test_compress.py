@@ -194,6 +194,8 @@ def test_prune_with_recovery_through_the_cli(trained, tmp_path, capsys):
     assert eval_json(out, capsys)["val_bpb"] > 0
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+    assert main(["pretrain", "--resume", str(out), "--budget", "steps:6", "--json"]) == 0  # the recovery is an ordinary run
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
     assert compress(trained, "--method", "prune", "--speedup", "1.3", "--units", "layers", "--importance-batches", "1", "--out", tmp_path / "p2") == 0
     assert load_run(tmp_path / "p2").config.model.n_layer < 3
 
@@ -240,7 +242,9 @@ def test_distillation_trains_a_smaller_student(trained, tmp_path, capsys):
     assert student.config.model.n_layer == 1
     losses = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
     assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3])  # the mixed distillation loss falls
-    assert eval_json(out, capsys)["val_bpb"] > 0
+    assert eval_json(out, capsys)["val_bpb"] > 0 and record["status"] == "done"
+    assert main(["pretrain", "--resume", str(out), "--budget", "steps:20"]) == 2  # its loss needs the teacher
+    assert "distilled student" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,3 +269,14 @@ def test_bad_requests_give_one_error_line(trained, tmp_path, capsys):
     assert compress(trained, "--method", "int8", "--out", d / "q") == 0
     fails(capsys, [d / "q", "--method", "int8-dyn", "--out", d / "k"], "already quantized")
     assert not any((d / name).exists() for name in "abcdefghijk")  # nothing half-written left behind
+
+
+def test_a_masked_run_prunes_and_quantizes(prepared_wordpiece, tmp_path, capsys):
+    run = tmp_path / "bert"
+    pretrain(resolve_config(None, "steps:3", [*TINY, *(f"model.{k}={v}" for k, v in MASKED.items())], str(prepared_wordpiece)), run)
+    assert compress(run, "--method", "prune", "--keep", "0.6", "--importance-batches", "1", "--out", tmp_path / "p") == 0
+    assert compress(run, "--method", "int8", "--out", tmp_path / "q") == 0
+    for out in ("p", "q"):
+        got = eval_json(tmp_path / out, capsys)
+        assert got["val_loss"] > 0 and "val_bpb" not in got  # masked: no bits per byte
+    assert load_run(tmp_path / "p").model.num_params() < load_run(run).model.num_params()

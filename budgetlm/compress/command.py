@@ -136,7 +136,7 @@ def keep_for_speedup(model, speedup: float) -> float:
     return keep
 
 
-def prune_run(run: Run, out: Path, args, device: torch.device) -> dict:
+def prune_run(run: Run, out: Path, args, device: torch.device, begin=lambda detail: None) -> dict:
     from budgetlm.checkpoint import save_weights
     from budgetlm.compress.prune import UNITS, apply_plan, choose, importance
     from budgetlm.pretrain import check_config, pretrain
@@ -184,11 +184,12 @@ def prune_run(run: Run, out: Path, args, device: torch.device) -> dict:
     recovery_cfg.budget.limit = budget
     apply_overrides(recovery_cfg, args.set or [])
     check_config(recovery_cfg)
+    begin(summary)  # from here on DIR is a resumable run: `budgetlm pretrain --resume DIR` finishes a killed recovery
     summary["recovery"] = pretrain(recovery_cfg, out, init_weights=out / PRUNED_FILE)
     return summary
 
 
-def distill_run(teacher: Run, out: Path, args, device: torch.device) -> dict:
+def distill_run(teacher: Run, out: Path, args, device: torch.device, begin=lambda detail: None) -> dict:
     from budgetlm.budget import parse_budget
     from budgetlm.compress.distill import distill_loss
     from budgetlm.distributed import init_distributed
@@ -228,10 +229,12 @@ def distill_run(teacher: Run, out: Path, args, device: torch.device) -> dict:
                         "set a smaller one, e.g. --set model.n_layer=2")  # fmt: skip
     teacher_model = teacher.model.to(device).eval().requires_grad_(False)
     loss_fn = distill_loss(teacher_model, temperature=args.temperature, alpha=args.alpha, z_loss=cfg.train.z_loss)
-    summary = pretrain(cfg, out, loss_fn=loss_fn)
-    return {"settings": {"temperature": args.temperature, "alpha": args.alpha, "budget": budget, "data": str(data.path)},
-            "params_after": summary["params"], "training": summary,
-            "model_after": {k: getattr(cfg.model, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden")}}  # fmt: skip
+    detail = {"settings": {"temperature": args.temperature, "alpha": args.alpha, "budget": budget, "data": str(data.path)},
+              "params_after": student_params,
+              "model_after": {k: getattr(cfg.model, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden")}}  # fmt: skip
+    begin(detail)
+    detail["training"] = pretrain(cfg, out, loss_fn=loss_fn)
+    return detail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,30 +254,34 @@ def compress(run_dir: Path, method: str, out: Path, args) -> dict:
     if method not in ("prune", "distill") and getattr(args, "budget", None):
         raise UserError(f"--budget is for prune (recovery training) and distill; {method} does not train")
     run = load_run(run_dir, device)
-    params_before, size_before = count_params(run.model), file_size(weights_path(run_dir))
+    head = {
+        "format": FORMAT,
+        "method": method,
+        "source": str(run_dir.resolve()),
+        "source_compression": source_info["method"] if source_info else None,
+        "params_before": count_params(run.model),
+        "size_before_bytes": file_size(weights_path(run_dir)),
+    }
+
+    def begin(detail: dict) -> None:
+        """Training starts: the record goes in first (status "training"), so a killed run stays a run."""
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / COMPRESSION_FILE, {**head, "status": "training", **detail})
+
     try:
         if method in QUANTIZED:
             detail = quantize_run(run, out, method, device)
         elif method == "sparse":
             detail = sparse_run(run, out, args.sparsity, args.pattern, device)
         elif method == "prune":
-            detail = prune_run(run, out, args, device)
+            detail = prune_run(run, out, args, device, begin)
         else:
-            detail = distill_run(run, out, args, device)
+            detail = distill_run(run, out, args, device, begin)
     except BaseException:
         if out.is_dir() and not (out / COMPRESSION_FILE).exists():
-            shutil.rmtree(out, ignore_errors=True)  # no half-written output that looks like a run
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-written that looks like a run (training keeps its checkpoint)
         raise
-    record = {
-        "format": FORMAT,
-        "method": method,
-        "source": str(run_dir.resolve()),
-        "source_compression": source_info["method"] if source_info else None,
-        "params_before": params_before,
-        "size_before_bytes": size_before,
-        "size_after_bytes": file_size(out / WEIGHTS_FILE),
-        **detail,
-    }
+    record = {**head, "status": "done", "size_after_bytes": file_size(out / WEIGHTS_FILE), **detail}
     write_json(out / COMPRESSION_FILE, record)
     return record
 
