@@ -280,3 +280,19 @@ def test_a_masked_run_prunes_and_quantizes(prepared_wordpiece, tmp_path, capsys)
         got = eval_json(tmp_path / out, capsys)
         assert got["val_loss"] > 0 and "val_bpb" not in got  # masked: no bits per byte
     assert load_run(tmp_path / "p").model.num_params() < load_run(run).model.num_params()
+
+
+def test_a_pruned_body_fine_tunes_with_every_method(tmp_path):
+    from budgetlm.finetune.heads import TaskModel
+    from budgetlm.finetune.methods import MethodOptions, apply_method
+
+    torch.manual_seed(0)
+    model = Transformer.build(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100, seq_len=16))
+    plan = PrunePlan(layers=[0, 1], groups={0: [0, 1], 1: [1]}, neurons={0: [1, 2], 1: [3]})  # block 1 keeps 1 of 2 key/value heads
+    x = batch(model)
+    for method in ("full", "lora", "adapter", "prefix"):
+        task = TaskModel(apply_plan(model, plan), "classify", 2)
+        apply_method(task, method, MethodOptions(lora_targets=("wq", "wv")))
+        out = task(x, torch.full((2,), 16))
+        out.float().sum().backward()  # the per-block sizes reach every method's forward and backward
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.parameters() if p.requires_grad)
