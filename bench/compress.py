@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -168,6 +169,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def header(meta: dict) -> str:
+    load = meta.get("load_average_at_end")
+    shared = f" (load average {load[0]:.1f} on 2 cores when the timings ended)" if load else ""
+    return (
+        "# Compression: what each method buys (written by bench/compress.py)\n\n"
+        f"Device: {meta['device']}, one thread (`{meta['command']}`), torch {meta['torch']}, torchao {meta['torchao']}, "
+        f"Python {meta['python']}. The machine was shared with other sessions{shared}: tokens/s are medians of "
+        f"{meta['repeats']} interleaved rounds and noisy; training budgets are tokens, matched in FLOPs, so busy moments "
+        "slow the runs without changing what they learn.\n\n"
+        f"Run: {', '.join(meta['teacher'])}; training {', '.join(meta['train'])}. Student: {', '.join(meta['student'])}. "
+        f"Pruned shape: {', '.join(meta['pruned_shape'])}. Bits per byte on 65,536 held-out tokens, greedy generation of "
+        f"{NEW_TOKENS} tokens after a {PROMPT}-token prompt, weights file size.\n\n"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -180,7 +196,12 @@ def main() -> None:
     p.add_argument("--distill-tokens", type=float, default=1e5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny model, step budgets, for a quick check")
+    p.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = p.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(header(saved["meta"]) + table(saved["rows"]) + "\n")
+        return
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -248,11 +269,12 @@ def main() -> None:
         "student": student_keys,
         "train": TRAIN,
         "pruned_shape": pruned_keys,
+        "load_average_at_end": os.getloadavg(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(f"<!-- written by bench/compress.py -->\n\n{table(rows)}\n")
+    out.with_suffix(".md").write_text(header(meta) + table(rows) + "\n")
     print(table(rows))
 
 
