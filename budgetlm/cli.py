@@ -45,6 +45,7 @@ COMMANDS = {
     "suite": "budgetlm.evaluate.suite:suite_command",
     "export": "budgetlm.export:export_command",
     "import": "budgetlm.importer:import_command",
+    "compress": "budgetlm.compress.command:compress_command",
 }
 
 
@@ -148,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, safetensors weights and tokenizer.json")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    # --- compress -----------------------------------------------------------------------------
+    co = sub.add_parser("compress", help="quantize, prune or distill a run into a smaller one (a run directory)")
+    co.add_argument("run", metavar="RUN")
+    co.add_argument("--method", required=True, help="int8 | int8-dyn | int4 (GPU) | sparse | prune | distill")
+    co.add_argument("--out", required=True, help="output directory (a run that eval, generate, finetune and suite load)")
+    co.add_argument("--budget", help="prune: recovery training (default 0 = none); distill: the student's training (default 300s)")
+    co.add_argument("--keep", type=float, help="prune: fraction of the blocks' parameters to keep (default 0.5)")
+    co.add_argument("--speedup", type=float, help="prune: target forward speed-up instead of --keep (estimated from FLOPs)")
+    co.add_argument("--units", help="prune: what may go, a subset of heads,neurons,layers (default: all)")
+    co.add_argument("--importance-batches", type=int, default=8, help="prune: batches of 8 sequences that score importance")
+    co.add_argument("--sparsity", type=float, default=0.5, help="sparse: fraction of the blocks' weights set to zero")
+    co.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"], help="sparse: which weights may be zero")
+    co.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature of the soft targets")
+    co.add_argument("--alpha", type=float, default=0.5, help="distill: weight of the soft-target loss (1 - alpha: the LM loss)")
+    co.add_argument("--data", help="prune, distill: prepared data to score and train on (default: the run's)")
+    co.add_argument("--set", action="append", metavar="KEY=VALUE", help="distill: the student's keys (model.n_layer=2); prune: recovery train keys")
+    co.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    co.add_argument("--json", action="store_true", help="print the compression record as JSON")
     return p
 
 

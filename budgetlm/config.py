@@ -76,6 +76,8 @@ class ModelConfig:
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
     logit_softcap: float = opt(0.0, "squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2: 30, nanochat: 15); 0 = off")
+    layer_heads: list[int] = opt([], "query heads of each block (a structurally pruned model); [] = n_head in every block")
+    layer_ffn: list[int] = opt([], "feed-forward hidden size of each block (a structurally pruned model); [] = the global size in every block")
 
 
 @dataclass

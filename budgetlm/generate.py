@@ -37,12 +37,14 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
+        from budgetlm.model import layer_sizes
+
         cfg = model.cfg
         weight = model.tok_embeddings.weight
         return cls(
             cfg.n_layer,
             batch_size,
-            cfg.n_kv_head or cfg.n_head,
+            max(layer_sizes(cfg, i)[1] for i in range(cfg.n_layer)),  # a pruned model's blocks may hold fewer
             max_len or cfg.seq_len,
             cfg.n_embd // cfg.n_head,
             device=weight.device,
@@ -54,9 +56,10 @@ class KVCache:
         end = start_pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer_id, :, :, start_pos:end] = k
-        self.v[layer_id, :, :, start_pos:end] = v
-        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]  # (B, nkv, end, hs)
+        nkv = k.size(1)
+        self.k[layer_id, :, :nkv, start_pos:end] = k
+        self.v[layer_id, :, :nkv, start_pos:end] = v
+        return self.k[layer_id, :, :nkv, :end], self.v[layer_id, :, :nkv, :end]  # (B, nkv, end, hs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,16 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     return (hidden + 63) // 64 * 64
 
 
+def layer_sizes(cfg: ModelConfig, layer_id: int) -> tuple[int, int, int]:
+    """(query heads, key/value heads, feed-forward width) of block `layer_id`: the global sizes, or the
+    per-layer ones of a structurally pruned model (`model.layer_heads` / `model.layer_ffn`). Pruning
+    removes whole key/value groups, so each block keeps the global query-per-key/value ratio."""
+    n_kv = cfg.n_kv_head or cfg.n_head
+    n_head = cfg.layer_heads[layer_id] if cfg.layer_heads else cfg.n_head
+    ffn = cfg.layer_ffn[layer_id] if cfg.layer_ffn else ffn_hidden_size(cfg)
+    return n_head, n_head * n_kv // cfg.n_head, ffn
+
+
 def check_config(cfg: ModelConfig) -> None:
     """Shape rules the model needs; raise ValueError naming the field."""
     if cfg.vocab_size <= 0:
@@ -57,6 +67,14 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.n_head ({cfg.n_head}) must be a multiple of model.n_kv_head ({n_kv})")
     if cfg.logit_softcap < 0:
         raise ValueError(f"model.logit_softcap ({cfg.logit_softcap}) must be positive, or 0 for none")
+    group = cfg.n_head // n_kv
+    for key, sizes in (("layer_heads", cfg.layer_heads), ("layer_ffn", cfg.layer_ffn)):
+        if sizes and len(sizes) != cfg.n_layer:
+            raise ValueError(f"model.{key} lists {len(sizes)} blocks, model.n_layer is {cfg.n_layer}")
+        if any(n <= 0 for n in sizes):
+            raise ValueError(f"model.{key} entries must be positive, got {sizes}")
+    if any(h % group or h > cfg.n_head for h in cfg.layer_heads):
+        raise ValueError(f"model.layer_heads entries must be multiples of n_head/n_kv_head = {group}, at most n_head, got {cfg.layer_heads}")
 
 
 class KVCacheLike(Protocol):
@@ -141,8 +159,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.kernel = cfg.attention
-        self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.n_head, self.n_kv_head, _ = layer_sizes(cfg, layer_id)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.causal = cfg.objective == "causal"
         self.dropout = cfg.dropout
@@ -205,9 +222,9 @@ class FeedForward(nn.Module):
     """w2(act(w1 x) * w3 x) for gated kinds (SwiGLU: SiLU, GEGLU: GELU; Shazeer 2020); w2(gelu(w1 x)) or
     w2(relu(w1 x)^2) (squared ReLU, So et al. 2021 "Primer") for plain ones."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        hidden = ffn_hidden_size(cfg)
+        hidden = hidden or ffn_hidden_size(cfg)
         self.kind = cfg.mlp
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)
@@ -229,7 +246,7 @@ class Block(nn.Module):
         self.attention_norm = make_norm(cfg, cfg.n_embd)
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = make_norm(cfg, cfg.n_embd)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg, layer_sizes(cfg, layer_id)[2])
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None):
@@ -469,4 +486,5 @@ class Transformer(nn.Module):
         N = self.num_params(exclude_embeddings=True)
         if self.cfg.tie_embeddings:
             N += self.output.weight.numel()  # the tied matrix is not a lookup on the output side: it is a matmul
-        return 6 * N + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+        attn_width = sum(layer_sizes(self.cfg, i)[0] for i in range(self.cfg.n_layer)) * self.head_dim  # n_layer * n_embd unpruned
+        return 6 * N + 12 * attn_width * T

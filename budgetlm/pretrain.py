@@ -21,6 +21,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,6 +360,7 @@ class Trainer:
     peak: float
     peak_source: str
     cost: dict = field(default_factory=lambda: {"eval": 0.0, "save": 0.0})  # seconds of the last evaluation / save
+    loss_fn: Callable | None = None  # (model, (x, y)) -> loss; None: the language-modelling loss (distillation passes its own)
     seq_len: int = 0  # this step's training sequence length (train.seq_warmup); 0 until fit sets it
 
     @property
@@ -430,9 +432,14 @@ class Trainer:
         )  # fmt: skip
 
 
-def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> Trainer:
-    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint); `init_from`:
-    a run whose final weights replace the initialisation (its model config is already cfg.model)."""
+def setup(
+    cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None,
+    init_from: Path | None = None, init_weights: Path | None = None,
+) -> Trainer:
+    """Data, then the model, optimizer and loop state (fresh, or from the last checkpoint). A fresh run
+    starts from `init_from` (a run whose weights replace the initialisation; its model config is
+    already cfg.model) or `init_weights` (a weights file of the same shapes) when given, else from
+    `init_weights()`."""
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -451,6 +458,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
     per_replica_seqs = global_seqs // dims.dp
     precision = choose_precision(cfg.train.precision, device)
     full, par = build_model(cfg, dims, dist, precision)
+    if init_weights is not None and not resume:
+        ckpt.load_weights(init_weights, par.model)
     optimizer = build_optimizer(par.model, cfg.train, device.type)
     scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
     micro = choose_micro_batch(cfg, per_replica_seqs, par, optimizer, precision, device)
@@ -504,17 +513,26 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys
 # the run
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
+def pretrain(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    user_keys: set[str] | None = None,
+    init_from: Path | None = None,
+    init_weights: Path | None = None,
+    loss_fn: Callable | None = None,
+) -> dict:
     """Train under cfg.budget into run_dir; returns the final metrics.
 
     With `cfg.auto`, every model and train key not in `user_keys` (the dotted keys the user set;
     default: those that differ from the defaults) is chosen by `budgetlm.plan` for the budget.
     `init_from`: a run whose latest weights the new run starts from (see `budgetlm.continued`;
-    build `cfg` with `continued.init_from_config`)."""
+    build `cfg` with `continued.init_from_config`). `init_weights` starts from a weights file instead
+    (a pruned model's recovery); `loss_fn(model, (x, y))` replaces the language-modelling loss (distillation)."""
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.parallel.backend)
     try:
-        summary = _pretrain(cfg, run_dir, resume, dist, user_keys, None if init_from is None else Path(init_from))
+        summary = _pretrain(cfg, run_dir, resume, dist, user_keys, None if init_from is None else Path(init_from), init_weights, loss_fn)
     except BaseException:
         cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier to hang on
         raise
@@ -522,8 +540,10 @@ def pretrain(cfg: RunConfig, run_dir: Path, resume: bool = False, user_keys: set
     return summary
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None) -> dict:
-    t = setup(cfg, run_dir, resume, dist, user_keys, init_from)
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dist: DistInfo, user_keys: set[str] | None = None, init_from: Path | None = None,
+              init_weights: Path | None = None, loss_fn: Callable | None = None) -> dict:  # fmt: skip
+    t = setup(cfg, run_dir, resume, dist, user_keys, init_from, init_weights)
+    t.loss_fn = loss_fn
     if t.state.done:
         if t.clock.should_stop(tokens=t.state.tokens, steps=t.state.step):
             print0(f"run {run_dir} already finished; nothing to resume")
@@ -564,7 +584,7 @@ def fit(t: Trainer) -> None:
     cfg, state, clock = t.cfg, t.state, t.clock
     flops_per_token = t.full.flops_per_token(cfg.model.seq_len)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
-    loss_fn = functools.partial(_loss, z_loss=cfg.train.z_loss)
+    loss_fn = t.loss_fn or functools.partial(_loss, z_loss=cfg.train.z_loss)
     if t.par.compiled == "model+loss":
         loss_fn = torch.compile(loss_fn)  # compiles on the first step, on the clock
     sp = t.dims.tp if t.dims.tp_enabled and cfg.parallel.sequence_parallel else 1  # lengths must split over the TP ranks
@@ -771,6 +791,10 @@ def resume_config(run: str | Path, budget: str | None, overrides: list[str]) -> 
         raise UserError("--resume continues a run with its own config; only --budget (a longer one) and parallel.* (another layout) may change")
     run_dir = Path(run)
     cfg = run_config(run_dir)
+    from budgetlm.compress import compression_info
+
+    if (compression_info(run_dir) or {}).get("method") == "distill":
+        raise UserError(f"{run_dir} is a distilled student: its loss needs the teacher, and --resume would train it without; distill again")
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"run {run_dir} has no checkpoint to resume from")
     if budget:

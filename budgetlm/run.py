@@ -9,6 +9,7 @@
       model.safetensors  final weights (written when the run ends)
       metrics.jsonl      train / eval records; tb/ TensorBoard events
       eval.json, plots/*.png, report.md
+      compression.json   only in a `budgetlm compress` output: how loading rebuilds its model
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def weights_path(run_dir: Path) -> Path:
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> Run:
     """Config, tokenizer and model (weights loaded, eval mode) from a run directory alone."""
     from budgetlm.checkpoint import load_weights
+    from budgetlm.compress import compression_info, load_model
     from budgetlm.data.tokenizer import Tokenizer
     from budgetlm.model import Transformer
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
-    model = Transformer.build(cfg.model, device=torch.device(device))
-    load_weights(weights_path(run_dir), model)
+    info = compression_info(run_dir)
+    if info is not None:  # a `budgetlm compress` output: quantized tensors, sparse formats
+        model = load_model(run_dir, cfg.model, weights_path(run_dir), info, torch.device(device))
+    else:
+        model = Transformer.build(cfg.model, device=torch.device(device))
+        load_weights(weights_path(run_dir), model)
     model.eval()
     return Run(dir=run_dir, config=cfg, tokenizer=tokenizer, model=model)
 

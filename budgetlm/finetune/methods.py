@@ -51,6 +51,8 @@ def apply_method(model: nn.Module, method: str, opts: MethodOptions) -> nn.Modul
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose one of {', '.join(METHODS)})")
     body = model.body
+    if method == "full" and any(hasattr(p, "tensor_data_names") for p in body.parameters()):  # torchao's quantized tensors
+        raise UserError("a quantized run cannot train its own weights: fine-tune it with --method lora, adapter or prefix")
     body.requires_grad_(method == "full")
     if method == "lora":
         _apply_lora(body, opts)
@@ -119,6 +121,8 @@ def merge_lora(model: nn.Module) -> int:
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
+            if hasattr(module.get_base_layer().weight, "tensor_data_names"):
+                continue  # a quantized (torchao) base keeps its update beside it: folding it in would mean quantizing again
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -185,7 +189,9 @@ class PrefixKV(nn.Module):
         cfg = body.cfg
         if prefix_len < 1:
             raise UserError("--prefix-len must be at least 1")
-        n_kv = cfg.n_kv_head or cfg.n_head
+        from budgetlm.model import layer_sizes
+
+        n_kv = max(layer_sizes(cfg, i)[1] for i in range(cfg.n_layer))  # a pruned body's blocks may hold fewer
         head_dim = cfg.n_embd // cfg.n_head
         prefix = cls(cfg.n_layer, n_kv, prefix_len, head_dim).to(body.tok_embeddings.weight.device)
         # start from the keys/values of random real tokens (Li & Liang 2021, section 7.2)
@@ -198,15 +204,16 @@ class PrefixKV(nn.Module):
             body.hidden_states(idx, kv_cache=recorder)
             for layer_id, (k, v) in recorder.kv.items():
                 reps = -(-prefix_len // k.shape[2])  # repeat when the context is shorter than the prefix
-                prefix.keys[layer_id].copy_(k[0].repeat(1, reps, 1)[:, :prefix_len])
-                prefix.values[layer_id].copy_(v[0].repeat(1, reps, 1)[:, :prefix_len])
+                prefix.keys[layer_id, : k.shape[1]].copy_(k[0].repeat(1, reps, 1)[:, :prefix_len])
+                prefix.values[layer_id, : v.shape[1]].copy_(v[0].repeat(1, reps, 1)[:, :prefix_len])
         body.train(was_training)
         return prefix
 
     def update(self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = k.shape[0]
-        pk = self.keys[layer_id].to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1)  # (B, nkv, P, hs)
-        pv = self.values[layer_id].to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1)
+        nkv = k.shape[1]
+        pk = self.keys[layer_id, :nkv].to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1)  # (B, nkv, P, hs)
+        pv = self.values[layer_id, :nkv].to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P+T, hs)
 
 
