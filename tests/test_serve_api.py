@@ -64,7 +64,9 @@ def test_openai_client_completions(server, engine):
 def test_openai_client_streams_the_same_text(server):
     c = client(server)
     whole = c.completions.create(model="m", prompt="the cat sat", max_tokens=10, temperature=0)
-    chunks = list(c.completions.create(model="m", prompt="the cat sat", max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(model="m", prompt="the cat sat", max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
@@ -170,7 +172,9 @@ def test_keys_rate_limits_and_the_queue_bound(engine):
         with httpx.stream("POST", url + "/v1/completions", headers=auth, json={"prompt": "the", "max_tokens": 500, "stream": True}) as first:
             lines = first.iter_lines()  # kept: a dropped iterator closes the response, which the server sees as a disconnect
             next(lines)
-            waiter = threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"headers": auth, "json": {"prompt": "a", "max_tokens": 2}, "timeout": 60})
+            waiter = threading.Thread(
+                target=httpx.post, args=(url + "/v1/completions",), kwargs={"headers": auth, "json": {"prompt": "a", "max_tokens": 2}, "timeout": 60}
+            )
             waiter.start()
             deadline = time.monotonic() + 20
             while httpx.get(url + "/health").json()["waiting"] < 1 and time.monotonic() < deadline:
@@ -188,7 +192,10 @@ def test_bio_spans():
         {"label": "PER", "start": 3, "end": 4, "text": "Bob"},
         {"label": "LOC", "start": 5, "end": 7, "text": "New York"},
     ]
-    assert bio_spans(["a", "b"], ["I-X", "B-X"]) == [{"label": "X", "start": 0, "end": 1, "text": "a"}, {"label": "X", "start": 1, "end": 2, "text": "b"}]
+    assert bio_spans(["a", "b"], ["I-X", "B-X"]) == [
+        {"label": "X", "start": 0, "end": 1, "text": "a"},
+        {"label": "X", "start": 1, "end": 2, "text": "b"},
+    ]
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(run_dir):
@@ -199,7 +206,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(run_dir):
         line = proc.stderr.readline()
         assert "serving" in line, line
         url = line.split(" on ")[1].split()[0]
-        with httpx.stream("POST", url + "/v1/completions", json={"prompt": "the", "max_tokens": 40, "stream": True, "temperature": 0}, timeout=60) as r:
+        with httpx.stream(
+            "POST", url + "/v1/completions", json={"prompt": "the", "max_tokens": 40, "stream": True, "temperature": 0}, timeout=60
+        ) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             proc.send_signal(signal.SIGTERM)

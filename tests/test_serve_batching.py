@@ -78,7 +78,7 @@ def test_batched_sequences_equal_each_decoded_alone(sampling):
         if k < 2:
             sched.step()
     run_to_end(sched)
-    for (seq, events), prompt, n in zip(runs, prompts, lengths):
+    for (_, events), prompt, n in zip(runs, prompts, lengths):
         tokens = [e.token_id for e in events]
         assert tokens == run_alone(model, prompt, n, **sampling)
         assert events[-1].finish_reason == "length" and sum(e.finish_reason is not None for e in events) == 1

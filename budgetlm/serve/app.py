@@ -73,7 +73,9 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
     max_prompt = min(options.max_prompt_tokens or engine.seq_len, engine.seq_len)
     scheduler = None
     if engine.generates:
-        scheduler = Scheduler(engine.body, engine.tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, eos_id=engine.eos_id, metrics=metrics)
+        scheduler = Scheduler(
+            engine.body, engine.tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, eos_id=engine.eos_id, metrics=metrics
+        )
 
     async def lifespan(app):
         if scheduler is not None:
@@ -175,7 +177,9 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
                         chunks.append(message.get("body", b""))
                         size += len(chunks[-1])
                         if size > options.max_body_bytes:
-                            return await send_error(send_counted, 413, f"the body is larger than {options.max_body_bytes} bytes", "invalid_request_error")
+                            return await send_error(
+                                send_counted, 413, f"the body is larger than {options.max_body_bytes} bytes", "invalid_request_error"
+                            )
                         if not message.get("more_body"):
                             break
                     body, replayed = b"".join(chunks), False
@@ -331,7 +335,8 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
         if any(f is None for f in finish):
             return Response(status_code=499)  # the client is gone; nobody reads this
         choices = [
-            {"index": i, "text": texts_out[i], "logprobs": lps[i].to_json() if lps is not None else None, "finish_reason": finish[i]} for i in range(len(seqs))
+            {"index": i, "text": texts_out[i], "logprobs": lps[i].to_json() if lps is not None else None, "finish_reason": finish[i]}
+            for i in range(len(seqs))
         ]
         return wire.completion_body(rid, engine.model_id, choices, prompt_tokens * req.n, completion_tokens)
 

@@ -166,4 +166,3 @@ def bio_spans(words: list[str], tags: list[str]) -> list[dict]:
         if prefix in ("B", "I") and label and not continues:
             current = {"label": label, "start": i}
     return spans
-

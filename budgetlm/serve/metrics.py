@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-exported for app.py)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -12,8 +12,12 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.latency = Histogram("budgetlm_request_seconds", "Request latency (to the last byte) by route", ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("budgetlm_time_to_first_token_seconds", "Time from request to the first generated token", buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "budgetlm_request_seconds", "Request latency (to the last byte) by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "budgetlm_time_to_first_token_seconds", "Time from request to the first generated token", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.tokens_generated = Counter("budgetlm_tokens_generated", "Tokens sampled by the model", registry=r)
         self.prompt_tokens = Counter("budgetlm_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.active_requests = Gauge("budgetlm_active_requests", "Requests being answered", registry=r)
