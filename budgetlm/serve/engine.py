@@ -22,7 +22,7 @@ class ChatTemplate:
     Generation stops at the next "\\nUser:" so the model does not write the user's turn too."""
 
     def render(self, messages: list) -> str:
-        lines = [f"{m.role.capitalize()}: {m.content.strip()}" for m in messages]
+        lines = [f"{'System' if m.role == 'developer' else m.role.capitalize()}: {m.content.strip()}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"
 
     stops: tuple[str, ...] = ("\nUser:", "\nSystem:")

@@ -82,7 +82,7 @@ class CompletionRequest(Sampling):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
     content: str
     name: str | None = None
 
