@@ -288,7 +288,7 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
         prompts = [encode_prompt(t, "prompt") for t in texts]
         queue, seqs = submit(prompts, params, req.n)
         rid, created = wire.new_id("cmpl"), int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts) * 1
+        prompt_tokens = sum(len(p) for p in prompts)
         echo = [texts[i // req.n] if req.echo else "" for i in range(len(seqs))]
 
         if req.stream:
