@@ -113,6 +113,29 @@ def test_bad_requests_get_4xx_json(server, body, status, says):
     assert got == status and says in message, message
 
 
+@pytest.mark.parametrize(
+    "route, content, content_type",
+    [
+        ("/v1/completions", b"\xff\xfe{", "application/json"),
+        ("/v1/completions", b"null", "application/json"),
+        ("/v1/completions", b'"prompt"', "application/json"),
+        ("/v1/completions", b'{"prompt": "a"}', "text/plain"),
+        ("/v1/completions", b'{"prompt": {"a": 1}}', "application/json"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', "application/json"),
+        ("/v1/chat/completions", b'{"messages": "hi"}', "application/json"),
+        ("/v1/chat/completions", b'{"messages": []}', "application/json"),
+        ("/v1/embeddings", b'{"input": [1, 2]}', "application/json"),
+        ("/v1/embeddings", b'{"input": "a", "encoding_format": "hex"}', "application/json"),
+        ("/v1/completions", b'{"prompt": "a", "logit_bias": {"5": 1.0}}', "application/json"),
+        ("/v1/completions", b'{"prompt": "a", "max_tokens": 1e400}', "application/json"),
+    ],
+)
+def test_odd_bodies_are_4xx_never_5xx(server, route, content, content_type):
+    r = httpx.post(server + route, content=content, headers={"content-type": content_type})
+    status, _ = status_and_error(r)
+    assert 400 <= status < 500
+
+
 def test_unknown_routes_and_tasks_the_model_lacks(server):
     assert status_and_error(httpx.get(server + "/v1/nothing"))[0] == 404
     status, message = status_and_error(httpx.post(server + "/v1/classify", json={"input": "a"}))
