@@ -80,8 +80,9 @@ def check_config(cfg: ModelConfig) -> None:
 class KVCacheLike(Protocol):
     """What attention needs from a key/value cache (implemented by `budgetlm.generate.KVCache`)."""
 
-    def update(self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, hs) at positions start_pos.. and return all keys/values up to start_pos+T."""
+    def update(self, layer_id: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_head, T, hs) at positions start_pos.. (an int, or (B,) per row) and return
+        the keys/values attention should see (B, n_kv_head, L, hs)."""
         ...
 
 
@@ -117,7 +118,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x (B, nh, T, hs) by position. "rotate-half" layout: dimension i pairs with i + hs/2, as in
     Hugging Face Llama (GPT-NeoX), so its checkpoints load without permuting wq/wk rows."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B and nh
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2) broadcast over B and nh, or (B, 1, T, hs/2) per row
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -177,7 +178,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCacheLike | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -193,7 +194,7 @@ class Attention(nn.Module):
         is_causal = self.causal and T > 1
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # (B, nkv, start_pos+T, hs)
-            if is_causal and start_pos > 0:
+            if is_causal and attn_mask is None and start_pos > 0:  # per-row (tensor) positions always come with a mask
                 # a chunk after cached tokens: query i sees keys 0 .. start_pos+i (is_causal would align to the top-left)
                 attn_mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
                 is_causal = False
@@ -392,7 +393,7 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         *,
         kv_cache: KVCacheLike | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The residual stream after the last block, before the final norm: (B, T, C).
@@ -400,12 +401,22 @@ class Transformer(nn.Module):
         `idx` is (B, T) token ids, or (B, T, C) hidden states on a pipeline stage that does not own
         the embedding (`tok_embeddings` is None there). `attn_mask` (bool, broadcastable to
         (B, nh, T, T), True = may attend) is for callers such as fine-tuning heads that batch padded
-        sequences; pretraining packs sequences and needs none."""
+        sequences; pretraining packs sequences and needs none.
+
+        `start_pos` is the position of idx[:, 0]: one int for the batch, or a (B,) tensor when the rows
+        sit at different positions (a server decoding sequences of unequal lengths together). Per-row
+        positions need an `attn_mask` (B, 1, T, L) saying which of the cache's L keys each query sees."""
         B, T = idx.shape[:2]
-        if start_pos + T > self.cfg.seq_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.cfg.seq_len}")
-        cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
-        sin = self.rope_sin[start_pos : start_pos + T]
+        if isinstance(start_pos, torch.Tensor):
+            last = int(start_pos.max()) + T
+            pos = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # (B, T)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs/2)
+        else:
+            last = start_pos + T
+            cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
+            sin = self.rope_sin[start_pos : start_pos + T]
+        if last > self.cfg.seq_len:
+            raise ValueError(f"positions up to {last - 1} exceed the context length {self.cfg.seq_len}")
         if self.tok_embeddings is not None:  # a pipeline stage after the first gets hidden states
             x = self.tok_embeddings(idx)  # (B, T, C)
             x = self.dropout(x if self.embed_norm is None else self.embed_norm(x))
@@ -421,7 +432,8 @@ class Transformer(nn.Module):
         *,
         targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
+        attn_mask: torch.Tensor | None = None,
         loss: bool = False,
         z_loss: float = 0.0,
     ) -> torch.Tensor:
@@ -436,8 +448,9 @@ class Transformer(nn.Module):
         the row-major order of the masked positions; `lm_loss(logits, targets)` pairs them up. The
         causal objective ignores `targets` (the caller shifts: idx = w[:, :-1], targets = w[:, 1:]).
 
-        A pipeline stage without the final norm / output projection returns its hidden states."""
-        x = self.hidden_states(idx, kv_cache=kv_cache, start_pos=start_pos)  # (B, T, C)
+        A pipeline stage without the final norm / output projection returns its hidden states.
+        `start_pos` and `attn_mask` are as for `hidden_states`."""
+        x = self.hidden_states(idx, kv_cache=kv_cache, start_pos=start_pos, attn_mask=attn_mask)  # (B, T, C)
         if self.output is None:
             return x
         if targets is not None and self.cfg.objective == "masked":

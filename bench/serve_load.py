@@ -1,0 +1,183 @@
+"""Load test of `budgetlm serve` on loopback: continuous batching against one request at a time.
+
+For each server setting (`--max-batch 64`, the batching server, and `--max-batch 1`, the same model
+answering one request at a time) a `budgetlm serve` process is started on a free loopback port, and
+for each concurrency level (1, 8, 32, 64 clients, each sending its next request as soon as the last
+one ended) a fixed number of streamed completions is sent with the openai wire format. Per level:
+requests/s, generated tokens/s, p50/p99 latency (request to last byte) and time to first token,
+and the count of 5xx answers. Every level is bounded in requests and in time (`--level-timeout`).
+The table gives the median of `--repeats` runs of each cell.
+
+    python bench/serve_load.py runs/demo/run --out bench/results/serve_load
+    python bench/serve_load.py RUN --smoke          # a few requests, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = ["ROMEO:", "KING HENRY:", "First Citizen:\nBefore we proceed", "JULIET:\nO", "HAMLET:\nTo be", "MENENIUS:", "LADY MACBETH:", "The king"]
+
+
+def start_server(run: str, max_batch: int, device: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "budgetlm", "serve", run, "--port", "0", "--max-batch", str(max_batch), "--max-queue", "1024", "--device", device]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
+    return proc, line.split(" on ")[1].split()[0]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"status": r.status_code, "latency": time.perf_counter() - start, "ttft": None, "tokens": 0}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - start
+    return {"status": 200, "latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
+
+
+async def level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    import httpx
+
+    results: list[dict] = []
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + timeout
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def worker():
+            for i in counter:
+                if time.perf_counter() > deadline:
+                    return
+                try:
+                    results.append(await one_request(client, url, PROMPTS[i % len(PROMPTS)], max_tokens, i))
+                except httpx.HTTPError as e:
+                    results.append({"status": 0, "latency": time.perf_counter() - start, "ttft": None, "tokens": 0, "error": repr(e)})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "ok": len(ok),
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "p50_latency_s": percentile([r["latency"] for r in ok], 50),
+        "p99_latency_s": percentile([r["latency"] for r in ok], 99),
+        "p50_ttft_s": percentile([r["ttft"] for r in ok if r["ttft"] is not None], 50),
+        "p99_ttft_s": percentile([r["ttft"] for r in ok if r["ttft"] is not None], 99),
+        "5xx": sum(1 for r in results if r["status"] >= 500),
+        "other_errors": sum(1 for r in results if r["status"] != 200 and r["status"] < 500),
+    }
+
+
+def median_row(rows: list[dict]) -> dict:
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    out["5xx"] = sum(r["5xx"] for r in rows)
+    out["other_errors"] = sum(r["other_errors"] for r in rows)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| server | clients | requests | req/s | tokens/s | p50 latency | p99 latency | p50 TTFT | p99 TTFT | 5xx |\n"
+    head += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for r in rows:
+        name = "batched (--max-batch 64)" if r["max_batch"] > 1 else "one at a time (--max-batch 1)"
+        lines.append(
+            f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s | {r['p50_ttft_s']:.3f} s | {r['p99_ttft_s']:.3f} s | {r['5xx']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="run directory to serve")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--max-batch", type=int, nargs="+", default=[64, 1], help="server settings to compare")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x clients, at least 32)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--level-timeout", type=float, default=120, help="seconds a level may take before it stops sending")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write OUT.json and OUT.md")
+    p.add_argument("--smoke", action="store_true", help="a few requests at concurrency 1 and 4, one repeat")
+    args = p.parse_args()
+    if args.smoke:
+        args.concurrency, args.requests, args.repeats, args.max_tokens = [1, 4], 4, 1, 8
+
+    rows = []
+    for max_batch in args.max_batch:
+        proc, url = start_server(args.run, max_batch, args.device)
+        try:
+            asyncio.run(level(url, 2, 4, 4, 60))  # warm-up: first-call costs are not load
+            for c in args.concurrency:
+                n = args.requests or max(32, 2 * c)
+                runs = [asyncio.run(level(url, c, n, args.max_tokens, args.level_timeout)) for _ in range(args.repeats)]
+                row = {"max_batch": max_batch, **median_row(runs)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+    import torch
+
+    import budgetlm
+    from budgetlm.hardware import cpu_name
+
+    about = (
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs while measured), "
+        f"Python {platform.python_version()}, torch {torch.__version__}, budgetlm {budgetlm.__version__}; device {args.device}.\n"
+        f"Each cell: median of {args.repeats} runs; {args.max_tokens} new tokens per request (temperature 0.8, a seed per request), "
+        f"streamed; latency = request to last byte; TTFT = request to the first text chunk.\n"
+    )
+    command = " ".join(["python", "bench/serve_load.py", *sys.argv[1:]])
+    md = f"# `budgetlm serve` under load (loopback)\n\n{about}\nCommand: `{command}`\n\n{table(rows)}"
+    print(md)
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.out).with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
