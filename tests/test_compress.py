@@ -86,6 +86,9 @@ def test_quantized_run_reloads_as_saved_and_evaluates(trained, tmp_path, capsys,
     before, after = eval_json(trained, capsys), eval_json(out, capsys)
     assert after["val_bpb"] == pytest.approx(before["val_bpb"], rel=0.05)
     assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 2  # quantized: refused, not written wrong
+    assert "is quantized" in capsys.readouterr().err
 
 
 def test_quantized_run_fine_tunes_with_lora_and_refuses_full(trained, tmp_path, capsys):
@@ -198,6 +201,8 @@ def test_prune_with_recovery_through_the_cli(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
     assert compress(trained, "--method", "prune", "--speedup", "1.3", "--units", "layers", "--importance-batches", "1", "--out", tmp_path / "p2") == 0
     assert load_run(tmp_path / "p2").config.model.n_layer < 3
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2  # per-block sizes: no Llama config
+    assert "per-block sizes" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

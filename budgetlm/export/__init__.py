@@ -47,6 +47,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "hf", dtype: str | No
         raise UserError(f"--peft exports a LoRA fine-tune; {source} is a pretrained run")
     if not (source / WEIGHTS_FILE).is_file():
         raise UserError(f"run {source} has no final weights ({WEIGHTS_FILE}); let it finish or `pretrain --resume` it first")
+    _refuse_compressed(source)
     run = load_run(source)
     if fmt == "gguf":
         from budgetlm.export.gguf import export_gguf
@@ -64,3 +65,18 @@ def export_command(args) -> int:
     else:
         print(f"exported {args.source} as {summary['architecture']} -> {summary['out']}")
     return 0
+
+
+def _refuse_compressed(source: Path) -> None:
+    """Quantized weights (torchao tensors) and per-block sizes (structured pruning) have no place in a
+    Llama / Qwen3 config or a llama.cpp file: refuse them rather than write a wrong model."""
+    from budgetlm.compress import compression_info
+    from budgetlm.run import run_config
+
+    info = compression_info(source) or {}
+    method = info.get("method")
+    if method in ("int8", "int8-dyn", "int4"):
+        raise UserError(f"{source} is quantized ({method}); export the run it was made from")
+    model = run_config(source).model
+    if model.layer_heads or model.layer_ffn:
+        raise UserError(f"{source} has per-block sizes (structured pruning), which Llama-family configs cannot express")
