@@ -301,3 +301,32 @@ def test_a_pruned_body_fine_tunes_with_every_method(tmp_path):
         out = task(x, torch.full((2,), 16))
         out.float().sum().backward()  # the per-block sizes reach every method's forward and backward
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.parameters() if p.requires_grad)
+
+
+def test_the_server_batches_a_pruned_and_a_quantized_run(trained, tmp_path, capsys):
+    """`budgetlm serve` loads compressed runs like any run; its continuous batching gives each
+    sequence the tokens `generate` gives it alone, with per-block key/value heads after pruning."""
+    from budgetlm.generate import stream
+    from budgetlm.serve.engine import Engine
+    from budgetlm.serve.scheduler import SamplingParams, Scheduler, Sequence
+
+    outs = {"pruned": tmp_path / "pruned", "int8": tmp_path / "int8"}
+    assert compress(trained, "--method", "prune", "--keep", "0.8", "--units", "heads", "--importance-batches", "1", "--out", outs["pruned"]) == 0
+    assert compress(trained, "--method", "int8", "--out", outs["int8"]) == 0
+    assert min(load_run(outs["pruned"]).config.model.layer_heads) < 4  # some block lost key/value heads
+    for out in outs.values():
+        engine = Engine(out)
+        sched = Scheduler(engine.body, engine.tokenizer, max_batch=2)
+        prompts = [engine.encode_prompt("ROMEO:"), engine.encode_prompt("KING HENRY. My lord")]
+        runs = []
+        for p in prompts:
+            events = []
+            sched.submit(Sequence(p, SamplingParams(max_tokens=6, temperature=0), engine.tokenizer, events.append))
+            runs.append(events)
+        for _ in range(100):
+            if not sched.active and not sched.waiting:
+                break
+            sched.step()
+        for p, events in zip(prompts, runs):
+            alone = [int(t) for t in stream(engine.body, torch.tensor([p]), 6, temperature=0)]
+            assert [e.token_id for e in events] == alone, out.name

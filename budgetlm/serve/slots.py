@@ -18,9 +18,12 @@ class SlotKVCache:
     next forward pass covers and `key_len` how many positions it reads back."""
 
     def __init__(self, model: torch.nn.Module, n_slots: int, max_len: int | None = None):
+        from budgetlm.model import layer_sizes
+
         cfg = model.cfg
         weight = model.tok_embeddings.weight
-        shape = (cfg.n_layer, n_slots, cfg.n_kv_head or cfg.n_head, max_len or cfg.seq_len, cfg.n_embd // cfg.n_head)
+        n_kv = max(layer_sizes(cfg, i)[1] for i in range(cfg.n_layer))  # a pruned model's blocks may hold fewer
+        shape = (cfg.n_layer, n_slots, n_kv, max_len or cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.n_slots, self.max_len = n_slots, shape[3]
@@ -41,7 +44,8 @@ class SlotKVCache:
             start_pos = torch.full((B,), start_pos, dtype=torch.long, device=k.device)
         pos = start_pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
         row = torch.arange(B, device=k.device)[:, None].expand(B, T)
-        keys, values = self.k[layer_id, self.rows], self.v[layer_id, self.rows]  # views (B, nkv, max_len, hs)
+        nkv = k.size(1)  # this block's key/value heads (fewer than the cache's in a pruned block)
+        keys, values = self.k[layer_id, self.rows, :nkv], self.v[layer_id, self.rows, :nkv]  # views (B, nkv, max_len, hs)
         keys[row, :, pos] = k.transpose(1, 2)  # (B, T, nkv, hs): dims 0 and 2 indexed together
         values[row, :, pos] = v.transpose(1, 2)
         return keys[:, :, : self.key_len], values[:, :, : self.key_len]
