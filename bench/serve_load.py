@@ -105,6 +105,27 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, time
     }
 
 
+def pipeline_level(pipe, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """`requests` completions through a transformers text-generation pipeline, `concurrency` prompts per
+    batch, batches one after another (as `concurrency` clients that each send their next request when
+    the last one ended): a request's latency is its batch's time. Offline (no HTTP, no second process
+    competing for the cores) and not streamed, so it has no TTFT."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for first in range(0, requests, concurrency):
+        batch = prompts[first : first + concurrency]
+        batch_start = time.perf_counter()
+        outs = pipe(batch, batch_size=len(batch), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True,
+                    temperature=0.8, return_full_text=False)  # fmt: skip
+        tokens += sum(len(pipe.tokenizer(o[0]["generated_text"])["input_ids"]) for o in outs)
+        latencies += [time.perf_counter() - batch_start] * len(batch)
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": requests, "requests_per_s": requests / wall, "tokens_per_s": tokens / wall,
+            "p50_latency_s": percentile(latencies, 50), "p99_latency_s": percentile(latencies, 99), "p50_ttft_s": float("nan"),
+            "p99_ttft_s": float("nan"), "5xx": 0, "other_errors": 0}  # fmt: skip
+
+
 def median_row(rows: list[dict]) -> dict:
     out = dict(rows[0])
     for key, value in rows[0].items():
@@ -120,10 +141,11 @@ def table(rows: list[dict]) -> str:
     head += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     lines = []
     for r in rows:
-        name = "batched (--max-batch 64)" if r["max_batch"] > 1 else "one at a time (--max-batch 1)"
+        name = r.get("server") or (f"batched (--max-batch {r['max_batch']})" if r["max_batch"] > 1 else "one at a time (--max-batch 1)")
+        ttft = "-" if r["p50_ttft_s"] != r["p50_ttft_s"] else f"{r['p50_ttft_s']:.3f} s | {r['p99_ttft_s']:.3f} s"  # NaN: not streamed
         lines.append(
             f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s | {r['p50_ttft_s']:.3f} s | {r['p99_ttft_s']:.3f} s | {r['5xx']} |"
+            f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s | {ttft if ttft != '-' else '- | -'} | {r['5xx']} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -140,6 +162,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     p.add_argument("--smoke", action="store_true", help="a few requests at concurrency 1 and 4, one repeat")
+    p.add_argument("--hf-pipeline", metavar="DIR", help="also: the run exported with `budgetlm export --format hf` to DIR, through "
+                   "transformers' text-generation pipeline, `clients` prompts a batch")  # fmt: skip
     args = p.parse_args()
     if args.smoke:
         args.concurrency, args.requests, args.repeats, args.max_tokens = [1, 4], 4, 1, 8
@@ -159,13 +183,26 @@ def main() -> int:
             proc.terminate()
             proc.wait(60)
 
+    if args.hf_pipeline:
+        from transformers import pipeline
+
+        pipe = pipeline("text-generation", model=args.hf_pipeline, device=args.device)
+        pipe.tokenizer.padding_side = "left"  # a decoder pads on the left for batched generation
+        pipeline_level(pipe, 2, 4, 4)  # warm-up
+        for c in args.concurrency:
+            n = args.requests or max(32, 2 * c)
+            runs = [pipeline_level(pipe, c, n, args.max_tokens) for _ in range(args.repeats)]
+            row = {"max_batch": c, "server": "transformers pipeline (offline, batch = clients)", **median_row(runs)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     import torch
 
     import budgetlm
     from budgetlm.hardware import cpu_name
 
     about = (
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs while measured), "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}, budgetlm {budgetlm.__version__}; device {args.device}.\n"
         f"Each cell: median of {args.repeats} runs; {args.max_tokens} new tokens per request (temperature 0.8, a seed per request), "
         f"streamed; latency = request to last byte; TTFT = request to the first text chunk.\n"
