@@ -126,6 +126,31 @@ def pipeline_level(pipe, concurrency: int, requests: int, max_tokens: int) -> di
             "p99_ttft_s": float("nan"), "5xx": 0, "other_errors": 0}  # fmt: skip
 
 
+def engine_level(run: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """The server's scheduler in this process, no HTTP: `concurrency` sequences decoded together by
+    continuous batching, `requests` in all; what the batching engine alone does, beside the pipeline."""
+    import torch
+
+    from budgetlm.run import load_run
+    from budgetlm.serve.scheduler import SamplingParams, Scheduler, Sequence
+
+    loaded = load_run(run)
+    sched = Scheduler(loaded.model.eval(), loaded.tokenizer, max_batch=concurrency)
+    tokens = []
+    start = time.perf_counter()
+    for i in range(requests):
+        prompt = loaded.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i)
+        sched.submit(Sequence(prompt, params, loaded.tokenizer, lambda e: tokens.append(1)))
+    with torch.no_grad():
+        while sched.active or sched.waiting:
+            sched.step()
+    wall = time.perf_counter() - start
+    nan = float("nan")
+    return {"concurrency": concurrency, "requests": requests, "requests_per_s": requests / wall, "tokens_per_s": len(tokens) / wall,
+            "p50_latency_s": nan, "p99_latency_s": nan, "p50_ttft_s": nan, "p99_ttft_s": nan, "5xx": 0, "other_errors": 0}  # fmt: skip
+
+
 def median_row(rows: list[dict]) -> dict:
     out = dict(rows[0])
     for key, value in rows[0].items():
@@ -134,6 +159,12 @@ def median_row(rows: list[dict]) -> dict:
     out["5xx"] = sum(r["5xx"] for r in rows)
     out["other_errors"] = sum(r["other_errors"] for r in rows)
     return out
+
+
+def latency(r: dict) -> str:
+    if r["p50_latency_s"] != r["p50_latency_s"]:  # NaN: the engine alone has no per-request latency
+        return "- | -"
+    return f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s"
 
 
 def table(rows: list[dict]) -> str:
@@ -145,7 +176,7 @@ def table(rows: list[dict]) -> str:
         ttft = "-" if r["p50_ttft_s"] != r["p50_ttft_s"] else f"{r['p50_ttft_s']:.3f} s | {r['p99_ttft_s']:.3f} s"  # NaN: not streamed
         lines.append(
             f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s | {ttft if ttft != '-' else '- | -'} | {r['5xx']} |"
+            f"{latency(r)} | {ttft if ttft != '-' else '- | -'} | {r['5xx']} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -162,6 +193,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     p.add_argument("--smoke", action="store_true", help="a few requests at concurrency 1 and 4, one repeat")
+    p.add_argument("--engine", action="store_true", help="also: the server's batching scheduler alone, in this process (no HTTP)")
+    p.add_argument("--no-server", action="store_true", help="skip the HTTP server rows")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for --engine and --hf-pipeline (0 = torch's default)")
     p.add_argument("--hf-pipeline", metavar="DIR", help="also: the run exported with `budgetlm export --format hf` to DIR, through "
                    "transformers' text-generation pipeline, `clients` prompts a batch")  # fmt: skip
     args = p.parse_args()
@@ -169,7 +203,11 @@ def main() -> int:
         args.concurrency, args.requests, args.repeats, args.max_tokens = [1, 4], 4, 1, 8
 
     rows = []
-    for max_batch in args.max_batch:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for max_batch in [] if args.no_server else args.max_batch:
         proc, url = start_server(args.run, max_batch, args.device)
         try:
             asyncio.run(level(url, 2, 4, 4, 60))  # warm-up: first-call costs are not load
@@ -183,6 +221,13 @@ def main() -> int:
             proc.terminate()
             proc.wait(60)
 
+    if args.engine:
+        engine_level(args.run, 2, 4, 4)  # warm-up
+        for c in args.concurrency:
+            n = args.requests or max(32, 2 * c)
+            runs = [engine_level(args.run, c, n, args.max_tokens) for _ in range(args.repeats)]
+            rows.append({"max_batch": c, "server": "batching engine alone (no HTTP)", **median_row(runs)})
+            print(json.dumps(rows[-1]), flush=True)
     if args.hf_pipeline:
         from transformers import pipeline
 
