@@ -84,13 +84,18 @@ def from_hf_llama_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def llama_config_kwargs(cfg: ModelConfig) -> dict:
-    """Keyword arguments for `transformers.LlamaConfig` describing the same network.
+    """Keyword arguments for `transformers.LlamaConfig` describing the same network."""
+    check_llama_compatible(cfg)
+    return {**shape_kwargs(cfg), "hidden_act": "silu", "mlp_bias": False, "attention_dropout": cfg.dropout}
+
+
+def shape_kwargs(cfg: ModelConfig) -> dict:
+    """The config fields every Llama-layout family (Llama, Qwen3, EuroBERT) shares, from `cfg`.
 
     `vocab_size` is the padded size (the embedding's rows); ids beyond the tokenizer's vocabulary
     are never produced by budgetlm's generation, so the exported model should not be asked for them."""
     from budgetlm.model import ffn_hidden_size, padded_vocab_size
 
-    check_llama_compatible(cfg)
     return dict(
         vocab_size=padded_vocab_size(cfg.vocab_size),
         hidden_size=cfg.n_embd,
@@ -99,13 +104,10 @@ def llama_config_kwargs(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_head or cfg.n_head,
         head_dim=cfg.n_embd // cfg.n_head,
-        hidden_act="silu",
         max_position_embeddings=cfg.seq_len,
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=cfg.dropout,
         initializer_range=cfg.init_std,
     )

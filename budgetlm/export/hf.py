@@ -29,7 +29,7 @@ import torch
 from budgetlm.config import ModelConfig
 from budgetlm.errors import UserError
 from budgetlm.files import write_json
-from budgetlm.hf_names import to_hf_name
+from budgetlm.hf_names import shape_kwargs, to_hf_name
 
 WEIGHTS_FILE = "model.safetensors"
 LORA_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -62,27 +62,8 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
     """The transformers config of the family that holds `cfg`, special token ids from `tokenizer`."""
     import transformers
 
-    from budgetlm.model import ffn_hidden_size, padded_vocab_size
-
     family = hf_family(cfg)
-    kwargs = dict(
-        vocab_size=padded_vocab_size(cfg.vocab_size),  # the embedding's rows; ids past the tokenizer are never produced
-        hidden_size=cfg.n_embd,
-        intermediate_size=ffn_hidden_size(cfg),
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
-        head_dim=cfg.n_embd // cfg.n_head,
-        hidden_act=GATED_ACT[cfg.mlp],
-        max_position_embeddings=cfg.seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        attention_dropout=0.0,
-        initializer_range=cfg.init_std,
-        **special_token_ids(tokenizer),
-    )
+    kwargs = dict(shape_kwargs(cfg), hidden_act=GATED_ACT[cfg.mlp], attention_dropout=0.0, **special_token_ids(tokenizer))
     if family == "llama":
         config = transformers.LlamaConfig(**kwargs, mlp_bias=False, **extra)
     elif family == "qwen3":
