@@ -274,6 +274,22 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
                 if not seq.finished:
                     scheduler.cancel(seq)
 
+    async def gather(request: Request, queue: asyncio.Queue, seqs: list, started: float, texts: list[str], on_logprob) -> tuple | None:
+        """A non-streamed answer: each sequence's text appended to texts[i], `on_logprob(i, logprob)` for
+        each token's (when given); (finish reasons, completion tokens), or None if the client went away."""
+        finish = [None] * len(seqs)
+        completion_tokens = 0
+        async for index, ev in events(request, queue, seqs, started):
+            if ev.error:
+                raise ApiError(500, ev.error, "server_error")
+            texts[index] += ev.text
+            if on_logprob is not None and ev.logprob is not None:
+                on_logprob(index, ev.logprob)
+            if ev.finish_reason is not None:
+                finish[index] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
+        return None if any(f is None for f in finish) else (finish, completion_tokens)
+
     def check_inputs(count: int) -> None:
         if count > options.max_inputs:
             raise ApiError(422, f"{count} inputs; this server accepts at most {options.max_inputs} per request", param="input")
@@ -321,19 +337,10 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
 
         texts_out = list(echo)
         lps = [wire.CompletionLogprobs() for _ in seqs] if req.logprobs is not None else None
-        finish = [None] * len(seqs)
-        completion_tokens = 0
-        async for index, ev in events(request, queue, seqs, started):
-            if ev.error:
-                raise ApiError(500, ev.error, "server_error")
-            texts_out[index] += ev.text
-            if lps is not None and ev.logprob is not None:
-                lps[index].add(ev.logprob)
-            if ev.finish_reason is not None:
-                finish[index] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
-        if any(f is None for f in finish):
+        done = await gather(request, queue, seqs, started, texts_out, (lambda i, lp: lps[i].add(lp)) if lps is not None else None)
+        if done is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        finish, completion_tokens = done
         choices = [
             {"index": i, "text": texts_out[i], "logprobs": lps[i].to_json() if lps is not None else None, "finish_reason": finish[i]}
             for i in range(len(seqs))
@@ -376,19 +383,10 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
 
         texts_out = [""] * len(seqs)
         lps = [[] for _ in seqs]
-        finish = [None] * len(seqs)
-        completion_tokens = 0
-        async for index, ev in events(request, queue, seqs, started):
-            if ev.error:
-                raise ApiError(500, ev.error, "server_error")
-            texts_out[index] += ev.text
-            if ev.logprob is not None:
-                lps[index].append(wire.chat_logprob(ev.logprob))
-            if ev.finish_reason is not None:
-                finish[index] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
-        if any(f is None for f in finish):
+        done = await gather(request, queue, seqs, started, texts_out, lambda i, lp: lps[i].append(wire.chat_logprob(lp)))
+        if done is None:
             return Response(status_code=499)
+        finish, completion_tokens = done
         choices = [
             {
                 "index": i,
