@@ -100,13 +100,18 @@ def test_import_then_export_gives_back_the_same_model(tmp_path):
     assert a["rope_parameters"]["rope_theta"] == b["rope_parameters"]["rope_theta"]
 
 
-def test_imported_run_evaluates_and_fine_tunes(tmp_path, capsys):
+def imported_with_data(tmp_path, text: str) -> None:
+    """tmp_path/run imported from a saved HF model, tmp_path/data: `text` prepared with its tokenizer."""
     save_hf(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
-    # eval: on a corpus prepared with the imported tokenizer
-    (tmp_path / "corpus.txt").write_text("".join(f"the cat {i} sat on the mat and the dog ran after cat {i * 7}.\n\n" for i in range(200)))
+    (tmp_path / "corpus.txt").write_text(text)
     prep = ["--set", f"tokenizer_file={tmp_path / 'run' / 'tokenizer.json'}", "--set", "val_fraction=0.2", "--set", "txt_document_chars=400"]
     assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), *prep]) == 0
+
+
+def test_imported_run_evaluates_and_fine_tunes(tmp_path, capsys):
+    # eval: on a corpus prepared with the imported tokenizer
+    imported_with_data(tmp_path, "".join(f"the cat {i} sat on the mat and the dog ran after cat {i * 7}.\n\n" for i in range(200)))
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--tokens", "256", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["val_loss"] > 0
@@ -150,11 +155,7 @@ def test_bad_directories(tmp_path):
 
 
 def test_pretrain_init_from_an_imported_run_continues_from_its_weights(tmp_path, capsys):
-    save_hf(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "run")
-    (tmp_path / "corpus.txt").write_text("".join(f"the dog {i} ran after the cat on the mat {i * 3}.\n\n" for i in range(200)))
-    prep = ["--set", f"tokenizer_file={tmp_path / 'run' / 'tokenizer.json'}", "--set", "val_fraction=0.2", "--set", "txt_document_chars=400"]
-    assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), *prep]) == 0
+    imported_with_data(tmp_path, "".join(f"the dog {i} ran after the cat on the mat {i * 3}.\n\n" for i in range(200)))
     train = ["--data", str(tmp_path / "data"), "--set", "train.batch_tokens=256", "--set", "train.eval_tokens=256"]
     # one step: the schedule's warm-up starts at learning rate 0, so the weights are still the imported ones
     assert main(["pretrain", "--init-from", str(tmp_path / "run"), "--out", str(tmp_path / "cont"), "--budget", "steps:1", *train]) == 0

@@ -57,14 +57,13 @@ def chat_logprob(lp: TokenLogprob) -> dict:
 
 
 def completion_body(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _answer("text_completion", rid, model, choices, prompt_tokens, completion_tokens)
+
+
+def _answer(obj: str, rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole (non-streamed) answer of OpenAI's object type `obj`."""
+    answer = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
+    return {**answer, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason=None, logprobs=None) -> dict:
@@ -73,14 +72,7 @@ def completion_chunk(rid: str, model: str, created: int, index: int, text: str, 
 
 
 def chat_body(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _answer("chat.completion", rid, model, choices, prompt_tokens, completion_tokens)
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
