@@ -65,6 +65,11 @@ def pretrain(data: str | Path | None = None, out: str | Path | None = None, *, b
     machine. `resume=RUN` continues a killed run (a longer `budget` extends a finished one)."""
     from budgetlm.pretrain import check_config, resume_config, start_run
     from budgetlm.pretrain import pretrain as run_pretrain
+    from budgetlm.tracking import set_command
+
+    given = dict(data=data, out=out, budget=budget, recipe=recipe, resume=resume, **settings)
+    shown = [f"{k}={v!r}" for k, v in given.items() if v is not None] + (["config=RunConfig(...)"] if config is not None else [])
+    set_command(f"budgetlm.pretrain({', '.join(shown)})")
 
     if resume is not None:
         if data or out or recipe or config is not None:

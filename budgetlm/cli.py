@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from budgetlm import __version__
@@ -31,6 +32,7 @@ from budgetlm.config import (
 )
 from budgetlm.errors import UserError
 from budgetlm.flags import HelpFormatter, add_config_flags, add_settings, config_overrides, normalize_argv, unknown_flags_message  # noqa: F401 (re-exported)
+from budgetlm.tracking import set_command
 
 # verb -> "module:function"; the function takes the parsed args and returns an exit code
 COMMANDS = {
@@ -200,6 +202,8 @@ def verb_parser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.A
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_command(shlex.join(["budgetlm", *argv]))  # the report and env.json name the command that made a run
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     verb = args.verb + (f" {args.data_verb}" if args.verb == "data" else "")

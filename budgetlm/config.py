@@ -139,6 +139,12 @@ class TrainConfig:
     eval_tokens: int = opt(65536, "held-out tokens per evaluation (fixed, so evaluations compare)")
     checkpoint_every: float = opt(600.0, "seconds between periodic checkpoints")
     log_every: int = opt(10, "optimizer steps between progress lines")
+    trackers: str = opt(
+        "tensorboard",
+        "where metrics, settings and samples also go, besides metrics.jsonl (always written): comma-separated tensorboard (RUN/tb), "
+        "wandb (offline in RUN/wandb unless WANDB_MODE or WANDB_API_KEY say otherwise), mlflow (MLFLOW_TRACKING_URI, else RUN/mlflow.db); none",
+        aliases=("report_to", "logger"),
+    )
     max_nan_skips: int = opt(5, "consecutive non-finite losses before rolling back to the last checkpoint")
 
 

@@ -30,7 +30,7 @@ import torch
 from budgetlm import checkpoint as ckpt
 from budgetlm import continued
 from budgetlm.budget import Clock, hms, parse_budget
-from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, override_keys, save_config
+from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, override_keys, save_config, to_dict
 from budgetlm.data.dataset import PreparedData
 from budgetlm.data.loader import DeviceBatches, TrainBatches, seq_len_at, split_windows
 from budgetlm.data.masking import mask_tokens
@@ -60,6 +60,7 @@ from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at
 from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
+from budgetlm.trackers import parse_trackers
 from budgetlm.tracking import MetricsLog, environment
 from budgetlm.train_step import train_step
 
@@ -87,6 +88,7 @@ def check_config(cfg: RunConfig) -> None:
     """Contradictions the type system cannot see, each named by key."""
     m, t = cfg.model, cfg.train
     parse_budget(cfg.budget.limit)
+    parse_trackers(t.trackers)
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if (m.n_embd // m.n_head) % 2:
@@ -471,7 +473,7 @@ def setup(
         cfg=cfg, run_dir=run_dir, dist=dist, dims=dims, data=data, full=full, par=par, optimizer=optimizer, scaler=scaler,
         precision=precision, global_seqs=global_seqs, per_replica_seqs=per_replica_seqs, micro=micro, loader=loader,
         batches=None, clock=Clock(parse_budget(cfg.budget.limit), reserve=cfg.budget.reserve), state=LoopState(),
-        metrics=MetricsLog(run_dir, enabled=dist.rank == 0), peak=peak, peak_source=peak_source,
+        metrics=MetricsLog(run_dir, enabled=dist.rank == 0, trackers=cfg.train.trackers, settings=to_dict(cfg)), peak=peak, peak_source=peak_source,
     )  # fmt: skip
     trainer.batches = DeviceBatches(trainer.next_batch, device)
 
@@ -698,8 +700,10 @@ def validate(t: Trainer) -> dict:
                 model = Transformer.build(cfg.model, device=t.device, seed=0)
                 ckpt.load_weights(t.run_dir / WEIGHTS_FILE, model)
             samples = _samples(model, t.data, cfg, t.device)
+            t.metrics.text("samples", "\n\n".join(f"{prompt}▌{text}" for prompt, text in samples), state.step)
         write_report(t.run_dir, cfg, summary, samples, write_plots(t.run_dir))
         t.metrics.log("event", state.step, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        t.metrics.finish(summary)
     t.metrics.close()
     print0(
         f"done: {state.step} steps, {state.tokens:,} tokens in {hms(summary['elapsed_s'])} | val_loss {val['val_loss']:.4f}"

@@ -73,6 +73,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _run_section(run_dir: Path) -> list[str]:
+    """The command that made the run, when, and on what (env.json, written when the run started)."""
+    env_file = run_dir / "env.json"
+    if not env_file.is_file():
+        return []
+    env = json.loads(env_file.read_text(encoding="utf-8"))
+    code = f"budgetlm {env.get('budgetlm')}" + (f" (git {env['git']})" if env.get("git") else "")
+    device = env.get("gpu") or f"{env.get('cpu')}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads"
+    lines = ["", "## Run", "", "```", env.get("command", "?"), "```", ""]
+    lines += ["| | |", "| --- | --- |", f"| started | {env.get('started', '?')} |", f"| code | {code} |"]
+    lines += [f"| versions | Python {env.get('python')}, torch {env.get('torch')}, numpy {env.get('numpy')}, tokenizers {env.get('tokenizers')} |"]
+    lines += [f"| device | {env.get('device')}: {device} |", f"| platform | {env.get('platform')} |"]
+    return lines
+
+
 def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str]], plots: list[Path]) -> Path:
     """report.md: what was trained, on what, for how long, how well, and what it writes."""
     run_dir = Path(run_dir)
@@ -93,6 +108,7 @@ def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str
         lines += ["", "## Why this model", "", "Chosen by `budgetlm plan`'s rules for the budget, timing candidates on this device;"]
         lines += ["keys you set won.", ""]
         lines += ["```", format_plan(plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))), "```"]
+    lines += _run_section(run_dir)
     lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
     lines += [
         "## What the clock counts",

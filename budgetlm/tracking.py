@@ -1,7 +1,8 @@
-"""What a run records as it goes: a JSONL metrics log, TensorBoard events, and its environment.
+"""What a run records as it goes: a JSONL metrics log (also sent to the chosen trackers), and its environment.
 
-The JSONL file is the source of truth (plots and the report are drawn from it); TensorBoard is a
-convenience and is skipped with a note when the `tensorboard` extra is not installed.
+The JSONL file is the source of truth (plots, the report and `budgetlm runs` are drawn from it);
+TensorBoard, W&B and MLflow (`budgetlm.trackers`) are conveniences, skipped with a note when their
+library is not installed.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from budgetlm import __version__
@@ -21,19 +24,16 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Append-only metrics: one JSON object per line, `kind` = train | eval | event."""
+    """Append-only metrics: one JSON object per line, `kind` = train | eval | event; numeric values
+    also go to the trackers named in `trackers` (`budgetlm.trackers`: TensorBoard, W&B, MLflow)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers: str = "tensorboard", settings: dict | None = None):
+        from budgetlm.trackers import open_trackers, parse_trackers
+
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:
-                self._tb = None
+        names = parse_trackers(trackers)  # a typo is an error on every rank, before any work
+        self._trackers = open_trackers(names, Path(run_dir), settings or {}) if enabled else []
 
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:
@@ -41,10 +41,21 @@ class MetricsLog:
         record = {"kind": kind, "step": step, "wall": round(time.time(), 3), **values}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers:
+            for tracker in self._trackers:
+                tracker.scalars(kind, numbers, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text for the trackers (metrics.jsonl keeps numbers and events): samples, the plan."""
+        for tracker in self._trackers:
+            tracker.text(tag, text, step)
+
+    def finish(self, final: dict) -> None:
+        """The run's final numbers, beside its settings in the trackers' summaries."""
+        numbers = {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self._trackers:
+            tracker.finish(numbers)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: a resumed run re-does those steps from its checkpoint."""
@@ -54,9 +65,9 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -85,11 +96,28 @@ def git_revision() -> str | None:
         return None
 
 
+_COMMAND: str | None = None  # set by the command line and the Python API as they start a verb
+
+
+def set_command(text: str) -> None:
+    """Record what this process was asked to do, for env.json and the report."""
+    global _COMMAND
+    _COMMAND = text
+
+
+def command_line() -> str:
+    """The command a user would retype: `budgetlm pretrain ...` from the program, `budgetlm.pretrain(...)`
+    from the Python API, else this process's own arguments."""
+    return _COMMAND or shlex.join(sys.argv)
+
+
 def environment(device: str | None = None) -> dict:
     """Code version and environment, written at the start of every run (modded-nanogpt habit)."""
     import numpy
     import tokenizers
     import torch
+
+    from budgetlm.hardware import cpu_name
 
     env = {
         "budgetlm": __version__,
@@ -99,10 +127,11 @@ def environment(device: str | None = None) -> dict:
         "numpy": numpy.__version__,
         "tokenizers": tokenizers.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
     }
     if torch.cuda.is_available():

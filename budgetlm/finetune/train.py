@@ -386,7 +386,7 @@ def finetune_run(run: str | Path, train_file: str | Path, out: str | Path, cfg: 
         if data is not None and data.skipped:
             log(f"{name}: skipped {data.skipped} malformed row(s)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_log = MetricsLog(out_dir, tensorboard=False)
+    metrics_log = MetricsLog(out_dir, trackers="none")
     try:
         result = fit(base, train, valid, cfg, log=log, metrics_log=metrics_log)
     finally:
