@@ -27,6 +27,7 @@ from budgetlm.config import (
     PredictConfig,
     PrepareConfig,
     RunConfig,
+    RunsConfig,
     SuiteConfig,
     list_recipes,
 )
@@ -49,6 +50,7 @@ COMMANDS = {
     "import": "budgetlm.importer:import_command",
     "compress": "budgetlm.compress.command:compress_command",
     "serve": "budgetlm.serve.app:serve_command",
+    "runs": "budgetlm.runs:runs_command",
 }
 
 
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("run", metavar="RUN")
     su.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     add_settings(su, SuiteConfig)
+
+    rn = sub.add_parser("runs", help="a table of the runs under a folder: budget, model, parameters, tokens, final bits per byte")
+    rn.add_argument("dir", metavar="DIR", help="folder to search (at any depth)")
+    rn.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_settings(rn, RunsConfig)
 
     # --- export / import ----------------------------------------------------------------------
     ex = sub.add_parser("export", help="a run or fine-tuned directory as a Hugging Face directory or a llama.cpp GGUF file")

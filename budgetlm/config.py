@@ -301,6 +301,11 @@ class SuiteConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the GPU if there is one)")
 
 
+@dataclass
+class RunsConfig:
+    sort: str = opt("started", "order of the rows (unknown values last)", ("started", "val_bpb", "name"))
+
+
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass, strictly
 

@@ -33,6 +33,7 @@ REQUIRED = {
     "export": ["RUN", "--format", "hf", "--out", "O"],
     "import": ["HF_DIR", "--out", "O"],
     "compress": ["RUN", "--method", "int8", "--out", "O"],
+    "runs": ["DIR"],
 }
 NO_JSON = {"serve"}  # a server answers over HTTP; it prints no result
 # verbs whose flags are plain argparse options, not yet a settings dataclass (they take no --set)
@@ -189,6 +190,7 @@ JSON_CASES = {
     "export": lambda w: ["export", str(w["run"]), "--format", "gguf", "--dtype", "f32", "--out", str(w["dir"] / "gguf")],
     "import": lambda w: ["import", str(w["dir"] / "hf"), "--out", str(w["dir"] / "imported")],
     "compress": lambda w: ["compress", str(w["run"]), "--method", "sparse", "--out", str(w["dir"] / "sparse")],
+    "runs": lambda w: ["runs", str(w["dir"])],
 }
 
 
@@ -202,6 +204,10 @@ def test_json_prints_only_json_on_stdout(verb, world, capsys, monkeypatch, mocke
     assert isinstance(result, (dict, list)) and result
     if verb == "pretrain":
         assert "step" in err and result["steps"] == 2  # the progress went to stderr
+    if verb == "runs":  # the runs the verbs before it made (the cases run in name order)
+        status = {r["name"]: r["status"] for r in result}
+        assert status["run"] == "finished" and status["run2"] == "finished" and status["sparse"] == "compressed" and status["imported"] == "imported"
+        assert "ft" not in status
     if verb == "predict":
         assert result["examples"] == 40 and set(result["predictions"]) <= {"pos", "neg"}
         out_file = world["dir"] / "pred.csv"
