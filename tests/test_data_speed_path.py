@@ -90,6 +90,7 @@ def test_chunk_cache_keys_at_the_word_boundaries_and_long_chunks():
     # chunks of 7-9 and 15-17 bytes straddle the two key words and the short/long split; a long chunk
     # must not be confused with a short one sharing its first 16 bytes, nor two short ones sharing 8
     words = ["a" * n for n in range(1, 3 * KEY_BYTES)] + ["ab" * n + "c" for n in range(3, 12)] + ["é" * n for n in range(1, 12)]
+    words += ["a" + "\x00" * n for n in range(1, 3 * KEY_BYTES)]  # NUL bytes after a chunk are part of its key
     texts = [" ".join(words[i:] + words[:i]) for i in range(0, len(words), 5)] + ["", " ", "x"]
     tok = train_tokenizer("bpe", texts * 3, 300)
     want = [np.asarray(ids, dtype=np.uint16) for ids in tok.encode_batch(texts)]
