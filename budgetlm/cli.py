@@ -28,6 +28,7 @@ from budgetlm.config import (
     PrepareConfig,
     RunConfig,
     RunsConfig,
+    ServeConfig,
     SuiteConfig,
     list_recipes,
 )
@@ -123,20 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run or a fine-tuned model")
     sv.add_argument("model", metavar="RUN|FT_DIR", help="a run directory or a fine-tuned directory")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000, help="0 = any free port (printed at start)")
-    sv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY)")
-    sv.add_argument("--api-keys-file", help="require one of the keys in this file (one a line)")
-    sv.add_argument("--rate-limit", type=float, default=0, help="requests a minute per key, 0 = none")
-    sv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together; 1 = one request at a time")
-    sv.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot before 503")
-    sv.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
-    sv.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt accepted, 0 = the context length")
-    sv.add_argument("--max-n", type=int, default=8, help="the most choices (n) a request may ask for")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
-    sv.add_argument("--drain-timeout", type=float, default=60, help="on SIGTERM, seconds to let in-flight requests finish")
-    sv.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); never printed, not a setting")
+    add_settings(sv, ServeConfig, set_example="max_batch")
 
     # --- finetune / predict / suite -----------------------------------------------------------
     ft = sub.add_parser("finetune", help="adapt a pretrained run to a classification, regression or tagging task")

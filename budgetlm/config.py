@@ -302,6 +302,25 @@ class SuiteConfig:
 
 
 @dataclass
+class ServeConfig:
+    """the key itself (--api-key KEY) is not a setting: --print-config never shows it"""
+
+    host: str = opt("127.0.0.1", "address to listen on (loopback only by default)")
+    port: int = opt(8000, "port; 0 = any free port (printed at start)")
+    api_keys_file: str = opt("", "require one of the keys in this file (one a line); empty = none, unless --api-key")
+    rate_limit: float = opt(0.0, "requests a minute per key; 0 = none")
+    max_batch: int = opt(32, "sequences decoded together (continuous batching); 1 = one request at a time")
+    max_queue: int = opt(256, "sequences waiting for a slot before requests get 503")
+    max_tokens: int = opt(1024, "the most tokens a request may ask for")
+    max_prompt_tokens: int = opt(0, "longest prompt accepted; 0 = the model's context length")
+    max_n: int = opt(8, "the most choices (n) a request may ask for")
+    max_body_bytes: int = opt(1 << 20, "largest request body")
+    drain_timeout: float = opt(60.0, "on SIGTERM, seconds to let in-flight requests finish")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the GPU if there is one)")
+    log_level: str = opt("warning", "uvicorn's log level (debug also logs every request)", ("debug", "info", "warning", "error"))
+
+
+@dataclass
 class RunsConfig:
     sort: str = opt("started", "order of the rows (unknown values last)", ("started", "val_bpb", "name"))
 

@@ -34,6 +34,7 @@ REQUIRED = {
     "import": ["HF_DIR", "--out", "O"],
     "compress": ["RUN", "--method", "int8", "--out", "O"],
     "runs": ["DIR"],
+    "serve": ["RUN"],
 }
 NO_JSON = {"serve"}  # a server answers over HTTP; it prints no result
 # verbs whose flags are plain argparse options, not yet a settings dataclass (they take no --set)

@@ -484,40 +484,46 @@ def serve_command(args) -> int:
         import uvicorn
     except ImportError:
         raise UserError('budgetlm serve needs FastAPI and uvicorn: pip install "budgetlm[serve]"') from None
+    from budgetlm.config import ServeConfig
+    from budgetlm.flags import print_config, settings_from_args
     from budgetlm.run import resolve_device
     from budgetlm.serve.engine import Engine
     from budgetlm.serve.security import read_keys_file
 
-    if args.api_key and args.api_keys_file:
+    cfg = settings_from_args(ServeConfig, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    if args.api_key and cfg.api_keys_file:
         raise UserError("give --api-key or --api-keys-file, not both")
-    keys = [args.api_key] if args.api_key else read_keys_file(args.api_keys_file) if args.api_keys_file else None
+    keys = [args.api_key] if args.api_key else read_keys_file(cfg.api_keys_file) if cfg.api_keys_file else None
     for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not is_loopback(args.host) and not keys:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use the model", file=sys.stderr)
+        if getattr(cfg, name) < (0 if name == "max_queue" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not is_loopback(cfg.host) and not keys:
+        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this address can use the model", file=sys.stderr)
     options = ServeOptions(
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
-        max_n=args.max_n,
-        rate_limit=args.rate_limit,
+        max_batch=cfg.max_batch,
+        max_queue=cfg.max_queue,
+        max_body_bytes=cfg.max_body_bytes,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_tokens=cfg.max_tokens,
+        max_n=cfg.max_n,
+        rate_limit=cfg.rate_limit,
     )
-    engine = Engine(args.model, resolve_device(args.device))
+    engine = Engine(args.model, resolve_device(cfg.device))
     app = create_app(engine, options, keys)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock.bind((cfg.host, cfg.port))
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {engine.model_id} ({engine.kind}) on http://{shown}:{port} (keys: {'on' if keys else 'off'})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", timeout_graceful_shutdown=args.drain_timeout)
+    config = uvicorn.Config(app, log_level=cfg.log_level, access_log=cfg.log_level == "debug", timeout_graceful_shutdown=cfg.drain_timeout)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found; a
     # handler that does nothing makes a drained shutdown exit 0 instead of dying by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
