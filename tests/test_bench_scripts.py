@@ -1,6 +1,7 @@
 """The benchmark scripts that only run where a GPU is lent at least parse."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,3 +115,25 @@ def test_plan_memory_bench_trains_and_scores_the_estimate(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 2 and all(r["measured_tensor_peak"] > 0 and abs(r["error"]) < 0.15 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_serve_load_bench_smoke(tmp_path):
+    """bench/serve_load.py --smoke against a tiny run: the batching and one-at-a-time servers and the
+    engine alone each answer every request of every level, with no 5xx, and the table is written."""
+    import sys
+
+    pytest.importorskip("fastapi")
+    from test_finetune_runs import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    out = tmp_path / "load"
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_load.py"), str(run), "--smoke", "--max-batch", "4", "1", "--engine", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = json.loads(out.with_suffix(".json").read_text())
+    served = [r for r in rows if "server" not in r]
+    assert sorted((r["max_batch"], r["concurrency"]) for r in served) == [(1, 1), (1, 4), (4, 1), (4, 4)]
+    for row in served:
+        assert row["ok"] == row["requests"] == 4 and row["5xx"] == 0 and row["tokens_per_s"] > 0 and row["p50_ttft_s"] > 0
+    assert sum(1 for r in rows if r.get("server", "").startswith("batching engine")) == 2
+    assert "| 4 |" in out.with_suffix(".md").read_text()
