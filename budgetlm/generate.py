@@ -66,23 +66,12 @@ class KVCache:
 # sampling
 
 
-def sample_next(
-    logits: torch.Tensor,
-    vocab_size: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, padded_vocab). Ids >= vocab_size (the padding rows of
-    the output projection) are cut off before anything else, so they can never be produced.
-    temperature 0 = greedy; top_k keeps the k most likely; top_p keeps the smallest set whose
+def sampling_probs(logits: torch.Tensor, vocab_size: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Probabilities (B, V) to sample the next token from, given logits (B, padded_vocab) and temperature > 0.
+    Ids >= vocab_size (the padding rows of the output projection) are cut off before anything else,
+    so they can never be produced. top_k keeps the k most likely; top_p keeps the smallest set whose
     probability reaches p (nucleus sampling, Holtzman et al. 2020)."""
-    logits = logits[:, :vocab_size].float()  # (B, V)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits[:, :vocab_size].float() / temperature  # (B, V)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -93,8 +82,35 @@ def sample_next(
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Token ids (B,) from probabilities (B, V) and one uniform number in [0, 1) per row: the first id
+    whose cumulative probability exceeds it (inverse-CDF sampling). A row's token depends on that row
+    and its own number alone, so a sequence sampled inside a batch (`budgetlm serve`, one random
+    stream per sequence) gets the token it gets sampled alone."""
+    cdf = probs.cumsum(dim=-1)
+    token = (cdf <= uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1)  # scaled: the sum may round below 1
+    # never past the last token with non-zero probability (a zero-probability tail ties the cdf)
+    return torch.minimum(token, (probs > 0).cumsum(dim=-1).argmax(dim=-1))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    vocab_size: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, padded_vocab); temperature 0 = greedy (see `sampling_probs`).
+    Each row takes one number from `generator`, in row order."""
+    if temperature == 0:
+        return logits[:, :vocab_size].argmax(dim=-1)
+    probs = sampling_probs(logits, vocab_size, temperature=temperature, top_k=top_k, top_p=top_p)
+    return draw(probs, torch.rand(len(probs), generator=generator, device=probs.device))
 
 
 @torch.inference_mode()

@@ -5,7 +5,7 @@ import torch
 
 from budgetlm.config import ModelConfig
 from budgetlm.errors import UserError
-from budgetlm.generate import IncrementalDecoder, KVCache, generate, sample_next, stream
+from budgetlm.generate import IncrementalDecoder, KVCache, draw, generate, sample_next, stream
 from budgetlm.model import Transformer
 
 
@@ -182,3 +182,13 @@ def test_generate_command_errors(monkeypatch):
     args = build_parser().parse_args(["generate", "RUN", "--prompt", "x", "--top-p", "0", "--device", "cpu"])
     with pytest.raises(UserError, match="top-p"):
         generate_command(args)
+
+
+def test_draw_gives_each_token_its_probability_and_never_an_impossible_one():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]])
+    n = 20000
+    tokens = draw(probs.expand(n, -1), torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    assert freq[1] == 0 and freq[4] == 0 and torch.allclose(freq, probs[0], atol=0.01)
+    edges = draw(probs.expand(3, -1), torch.tensor([0.0, 0.0999, 1.0 - 1e-7]))
+    assert edges.tolist() == [0, 0, 3]  # the zero-probability tail is never reached, even at u close to 1

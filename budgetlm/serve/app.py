@@ -21,6 +21,7 @@ import base64
 import logging
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +45,33 @@ class ServeOptions:
     max_inputs: int = 64  # prompts per completion request, texts per classify/tag/embeddings request
     rate_limit: float = 0.0  # requests a minute per key; 0 = none
     rate_burst: int | None = None
+
+
+class Mailbox:
+    """Events from the scheduler thread to the requests' queues on one event loop, handed over once a
+    decode step has produced them all: one wake-up of the loop per step, instead of a
+    `call_soon_threadsafe` (a write to the loop's wake-up pipe, and a switch of threads) per token per
+    stream. With the batched sampler this cut the server's CPU time per streamed token by 1.7x
+    (bench/results/serve_load.md)."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list = []
+
+    def put(self, queue, item) -> None:  # on the scheduler thread, during a step
+        with self.lock:
+            self.pending.append((queue, item))
+
+    def wake(self) -> None:  # on the scheduler thread, after a step
+        if self.pending:
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # on the event loop
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class ApiError(Exception):
@@ -72,10 +100,12 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
     limiter = RateLimiter(options.rate_limit, options.rate_burst)
     max_prompt = min(options.max_prompt_tokens or engine.seq_len, engine.seq_len)
     scheduler = None
+    mailboxes: dict = {}  # event loop -> its Mailbox (one loop under uvicorn; tests may run several)
     if engine.generates:
         scheduler = Scheduler(
-            engine.body, engine.tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, eos_id=engine.eos_id, metrics=metrics
-        )
+            engine.body, engine.tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, eos_id=engine.eos_id, metrics=metrics,
+            after_step=lambda: [m.wake() for m in list(mailboxes.values())],
+        )  # fmt: skip
 
     async def lifespan(app):
         if scheduler is not None:
@@ -233,6 +263,7 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
     def submit(prompts: list[list[int]], params: SamplingParams, n: int):
         """One sequence per (prompt, choice); events arrive on the returned queue as (choice index, Event)."""
         loop = asyncio.get_running_loop()
+        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
         queue: asyncio.Queue = asyncio.Queue()
         seqs = []
         try:
@@ -240,7 +271,7 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
                 for j in range(n):
                     index = p * n + j
                     choice = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + j})
-                    deliver = lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                    deliver = lambda event, index=index: mailbox.put(queue, (index, event))
                     seq = Sequence(ids, choice, engine.tokenizer, deliver)
                     scheduler.submit(seq)
                     seqs.append(seq)
@@ -258,11 +289,14 @@ def create_app(engine, options: ServeOptions | None = None, keys: list[str] | No
         try:
             while remaining:
                 try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                    index, event = queue.get_nowait()  # usually there: a decode step delivers to every stream at once
+                except asyncio.QueueEmpty:
+                    try:
+                        index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 if first and event.token_id is not None:
                     metrics.ttft.observe(time.perf_counter() - started)
                     first = False

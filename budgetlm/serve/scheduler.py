@@ -8,7 +8,8 @@ Sequences longer than the context slide exactly as `budgetlm generate` does (re-
 3/4 of the context), so a sequence decoded in a batch gets the tokens it would get decoded alone.
 
 The scheduler runs in one thread; requests talk to it through `submit` / `cancel` and receive
-`Event`s through the callback they passed (called on the scheduler thread: keep it cheap).
+`Event`s through the callback they passed (called on the scheduler thread: keep it cheap), and
+`after_step` is called once each step has delivered its events.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from budgetlm.generate import SLIDE_KEEP, sample_next
+from budgetlm.generate import SLIDE_KEEP, draw, sampling_probs
 from budgetlm.serve.slots import SlotKVCache, decode_mask, prefill_mask
 from budgetlm.serve.text import TextStream
 
@@ -96,6 +97,7 @@ class Scheduler:
         max_prefill_tokens: int = 4096,
         eos_id: int | None = None,
         metrics=None,
+        after_step: Callable[[], None] | None = None,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -104,6 +106,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.eos_id = eos_id
         self.metrics = metrics
+        self.after_step = after_step  # called once a step has delivered its events (the server wakes its event loop once)
         self.seq_len = model.cfg.seq_len
         self.keep = max(1, int(self.seq_len * SLIDE_KEEP))
         self.device = model.tok_embeddings.weight.device
@@ -168,6 +171,8 @@ class Scheduler:
                     self.active, self.waiting = [], deque()
                 for seq in failed:
                     self._finish(seq, "error", error="internal error while generating")
+            if self.after_step is not None:
+                self.after_step()
 
     # -- one iteration ---------------------------------------------------------------------------
 
@@ -246,16 +251,12 @@ class Scheduler:
         """Sample the next token of active[rows[j]] from logits[j]; deliver it; retire finished sequences."""
         vocab = self.model.vocab_size
         seqs = [self.active[i] for i in rows]
-        greedy = torch.argmax(logits[:, :vocab], dim=-1) if any(s.params.temperature == 0 for s in seqs) else None
+        tokens = self._sample(seqs, logits).tolist()
         want_lp = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits[:, :vocab].float(), dim=-1) if want_lp else None
         done = []
-        for j, (i, seq) in enumerate(zip(rows, seqs)):
+        for j, (i, seq, token) in enumerate(zip(rows, seqs, tokens)):
             p = seq.params
-            if p.temperature == 0:
-                token = int(greedy[j])
-            else:
-                token = int(sample_next(logits[j : j + 1], vocab, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=seq.generator))
             seq.generated += 1
             if self.metrics is not None:
                 self.metrics.tokens_generated.inc()
@@ -275,6 +276,22 @@ class Scheduler:
             else:
                 seq.deliver(Event(text=text, token_id=token, logprob=lp, completion_tokens=seq.generated))
         self._remove(done)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every sequence, sampled as `budgetlm generate` samples it alone: the rows that
+        share sampling settings in one batched call, each row drawing its number from its own generator."""
+        vocab = self.model.vocab_size
+        tokens = torch.argmax(logits[:, :vocab], dim=-1)  # temperature 0; the others are overwritten
+        groups: dict[tuple, list[int]] = {}
+        for j, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature > 0:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(j)
+        for (temperature, top_k, top_p), rows in groups.items():
+            probs = sampling_probs(logits[rows], vocab, temperature=temperature, top_k=top_k, top_p=top_p)
+            uniform = torch.cat([torch.rand(1, generator=seqs[j].generator, device=probs.device) for j in rows])
+            tokens[rows] = draw(probs, uniform)
+        return tokens
 
     def _logprob(self, row: torch.Tensor, token: int, top: int) -> TokenLogprob:
         alternatives = []
