@@ -252,14 +252,14 @@ class Scheduler:
         vocab = self.model.vocab_size
         seqs = [self.active[i] for i in rows]
         tokens = self._sample(seqs, logits).tolist()
+        if self.metrics is not None:
+            self.metrics.tokens_generated.inc(len(seqs))  # once a step: the counter takes a lock
         want_lp = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits[:, :vocab].float(), dim=-1) if want_lp else None
         done = []
         for j, (i, seq, token) in enumerate(zip(rows, seqs, tokens)):
             p = seq.params
             seq.generated += 1
-            if self.metrics is not None:
-                self.metrics.tokens_generated.inc()
             if self.eos_id is not None and token == self.eos_id:
                 self._finish(seq, "stop")
                 done.append(i)
