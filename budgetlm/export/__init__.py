@@ -59,7 +59,14 @@ def export(source: str | Path, out: str | Path, fmt: str = "hf", dtype: str | No
 
 
 def export_command(args) -> int:
-    summary = export(args.source, args.out, args.format, dtype=args.dtype, peft=args.peft)
+    from budgetlm.config import ExportConfig
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(ExportConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    summary = export(args.source, args.out, cfg.format, dtype=None if cfg.dtype == "auto" else cfg.dtype, peft=cfg.peft)
     if args.json:
         print(json.dumps(summary))
     else:
