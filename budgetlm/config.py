@@ -66,6 +66,13 @@ class ModelConfig:
     tie_embeddings: bool = opt(True, "share the input embedding and output projection", aliases=("tie_word_embeddings",))
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
     embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
+    first_attention_norm: bool = opt(
+        True, "the first block normalises its attention input; false (needs embed_norm, whose output it then reads as it is) as in ModernBERT"
+    )
+    mlm_head: bool = opt(
+        False, "masked: a prediction head (dense without bias, GELU, norm) between the final norm and the decoder, as BERT and ModernBERT; "
+        "fine-tuned heads start from it too",
+    )  # fmt: skip
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     attention: str = opt(
         "auto",
