@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_export_hf import ATOL, TEXTS, _finetune, _idx, _task_logits, data, make_run  # noqa: F401 (data: a fixture)
+from test_export_hf import ATOL, TEXTS, _finetune, _idx, _task_logits, data, make_run, randomize_lora_b  # noqa: F401 (data: a fixture)
 
 from budgetlm.cli import main
 from budgetlm.export import export
@@ -123,9 +123,26 @@ def test_layouts_modernbert_does_not_have_are_refused_with_one_line(tmp_path, ca
     assert not (tmp_path / "hf").exists()
 
 
-def test_peft_export_of_a_modernbert_lora_is_refused(tmp_path, data, capsys):  # noqa: F811
-    ft = _finetune(make_run(tmp_path / "run", **MODERNBERT), tmp_path / "ft", data / "cls.csv", "--method", "lora")
-    capsys.readouterr()
-    assert main(["export", str(ft), "--format", "hf", "--peft", "--out", str(tmp_path / "peft")]) == 2
-    assert "Wqkv" in capsys.readouterr().err
-    assert not (tmp_path / "peft").exists()
+@pytest.mark.parametrize("targets", ["wq,wv", "wq,wk,wv,wo,w1,w2,w3"])
+def test_lora_finetune_exports_as_a_peft_adapter_on_the_fused_modules(tmp_path, data, targets):  # noqa: F811
+    """ModernBERT fuses q/k/v (Wqkv) and gate/value (Wi): each fused module gets one LoRA holding the updates of
+    the matrices it fuses (A stacked, B block-diagonal, alpha scaled with the rank), which PEFT loads as it is."""
+    peft = pytest.importorskip("peft")
+    ft = _finetune(make_run(tmp_path / "run", **MODERNBERT), tmp_path / "ft", data / "cls.csv", "--method", "lora", "--lora-targets", targets)
+    randomize_lora_b(ft)
+    assert main(["export", str(ft), "--format", "hf", "--peft", "--out", str(tmp_path / "peft")]) == 0
+    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["classifier"] and adapter["rank_pattern"]["attn.Wqkv"] == 8 * (2 if targets == "wq,wv" else 3)
+    labels = transformers.AutoConfig.from_pretrained(tmp_path / "peft")
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base", config=labels)
+    hf = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in hf.named_modules() if n.endswith(".lora_A")}
+    want = {"attn.Wqkv"} if targets == "wq,wv" else {"attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"}
+    assert {n.split(".layers.0.", 1)[1] for n in adapted if ".layers.0." in n} == want  # Wo of attention and MLP kept apart
+    ours, idx, mask, _ = _task_logits(ft, TEXTS, "classify")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx, attention_mask=mask).logits.float(), ours, atol=ATOL, rtol=0)
+        for name, p in hf.named_parameters():  # the LoRA updates off, the trained classifier kept: the logits move
+            if "lora_B" in name:
+                p.zero_()
+        assert (hf(input_ids=idx, attention_mask=mask).logits.float() - ours).abs().max() > 1e-3

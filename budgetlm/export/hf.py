@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -304,9 +305,6 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     num_labels=...), out)`, or `AutoPeftModelFor...` which finds the base through the adapter config."""
     from budgetlm.run import load_run
 
-    if family == "modernbert":
-        raise UserError("--peft: ModernBERT fuses q/k/v (Wqkv) and gate/value (Wi), so budgetlm's per-matrix LoRA has no PEFT module to "
-                        "sit on; export it merged (without --peft)")  # fmt: skip
     base_out = out / "base"
     base_run = load_run(Path(meta["base"]["run"]))
     export_run(base_run, base_out)
@@ -314,14 +312,25 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     config.save_pretrained(str(out))
     opts = meta["method_options"]
     targets = sorted({LORA_TARGETS[t] for t in opts["lora_targets"]})
-    state = {}
+    state, patterns = {}, {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in model.body.named_parameters():
         if "lora_A" not in name and "lora_B" not in name:
             continue
         # peft names them layers.0.attention.wq.lora_A.default.weight; PEFT files drop the adapter name
         module, kind = name.split(".lora_")
-        base_name = to_hf_name(module + ".weight")[: -len(".weight")]
-        state[f"base_model.model.{base_name}.lora_{kind.split('.')[0]}.weight"] = p.detach().float().contiguous()
+        lora.setdefault(module, {})[kind[0]] = p.detach().float()
+        if family != "modernbert":
+            base_name = to_hf_name(module + ".weight")[: -len(".weight")]
+            state[f"base_model.model.{base_name}.lora_{kind.split('.')[0]}.weight"] = p.detach().float().contiguous()
+    if family == "modernbert":  # q/k/v and gate/value are fused there: one LoRA per fused module, the same update
+        from budgetlm.export.modernbert import LORA_PARTS, fused_lora
+
+        fused, ranks, alphas = fused_lora(lora, opts["lora_rank"], opts["lora_alpha"])
+        state = {f"base_model.model.{k}": v for k, v in fused.items()}
+        modules = sorted({LORA_PARTS[t][0] for t in opts["lora_targets"]})
+        targets = r".*\.(" + "|".join(re.escape(m) for m in modules) + ")"  # a regex: attn.Wo and mlp.Wo share the name Wo
+        patterns = {"rank_pattern": ranks, "alpha_pattern": alphas}
     for k, v in head.items():
         state[f"base_model.model.{k}"] = v.contiguous()
     task_type = "TOKEN_CLS" if meta["task"] == "tag" else "SEQ_CLS"
@@ -340,6 +349,7 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
+        **patterns,
     }
     write_json(out / "adapter_config.json", adapter_config)
     save_safetensors(state, out / "adapter_model.safetensors")

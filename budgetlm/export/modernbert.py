@@ -125,3 +125,36 @@ def to_modernbert_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[f"model.layers.{i}.attn.Wqkv.weight"] = torch.cat([parts[f"attention.w{x}.weight"] for x in "qkv"])
         out[f"model.layers.{i}.mlp.Wi.weight"] = torch.cat([parts["feed_forward.w1.weight"], parts["feed_forward.w3.weight"]])
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# budgetlm LoRA target -> (ModernBERT module, its part of the fused output, how many parts)
+LORA_PARTS = {"wq": ("attn.Wqkv", 0, 3), "wk": ("attn.Wqkv", 1, 3), "wv": ("attn.Wqkv", 2, 3), "wo": ("attn.Wo", 0, 1),
+              "w1": ("mlp.Wi", 0, 2), "w3": ("mlp.Wi", 1, 2), "w2": ("mlp.Wo", 0, 1)}  # fmt: skip
+
+
+def fused_lora(lora: dict[str, dict[str, torch.Tensor]], rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """budgetlm's per-matrix LoRA as LoRA on ModernBERT's fused modules, the same update exactly.
+
+    `lora`: {"layers.{i}.attention.wq": {"A": (r, in), "B": (out, r)}, ...}. Targets sharing a fused module
+    (wq and wv in Wqkv) become one LoRA of rank r x their count: A stacked, B block-diagonal within the
+    fused output (zero rows for the parts no target adapts). PEFT scales by alpha / rank, so the fused
+    module's alpha grows with its rank and every part keeps the scale alpha / r.
+    Returns the PEFT weights (`...{module}.lora_A.weight`) and the rank and alpha of each fused module."""
+    groups: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+    for name, w in lora.items():
+        m = _LAYER.fullmatch(name)
+        target = m.group(2).rsplit(".", 1)[-1]
+        module, part, parts = LORA_PARTS[target]
+        groups.setdefault(f"model.layers.{m.group(1)}.{module}", []).append((part, parts, w["A"], w["B"]))
+    state, ranks, alphas = {}, {}, {}
+    for module, items in groups.items():
+        items.sort(key=lambda t: t[0])
+        out_part, parts = items[0][3].shape[0], items[0][1]
+        A = torch.cat([a for _, _, a, _ in items])
+        B = torch.zeros(out_part * parts, rank * len(items))
+        for j, (part, _, _, b) in enumerate(items):
+            B[part * out_part : (part + 1) * out_part, j * rank : (j + 1) * rank] = b
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A.contiguous(), B
+        key = module.split(".", 3)[-1]  # attn.Wqkv: the same in every block; PEFT matches a pattern against the name's end
+        ranks[key], alphas[key] = rank * len(items), alpha * len(items)
+    return state, ranks, alphas
