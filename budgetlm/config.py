@@ -66,6 +66,13 @@ class ModelConfig:
     tie_embeddings: bool = opt(True, "share the input embedding and output projection", aliases=("tie_word_embeddings",))
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
     embed_norm: bool = opt(False, "normalise the token embeddings (model.norm kind) before the first block, as Cramming's crammed BERT")
+    first_attention_norm: bool = opt(
+        True, "the first block normalises its attention input; false (needs embed_norm, whose output it then reads as it is) as in ModernBERT"
+    )
+    mlm_head: bool = opt(
+        False, "masked: a prediction head (dense without bias, GELU, norm) between the final norm and the decoder, as BERT and ModernBERT; "
+        "fine-tuned heads start from it too",
+    )  # fmt: skip
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     attention: str = opt(
         "auto",
@@ -323,6 +330,40 @@ class ServeConfig:
 @dataclass
 class RunsConfig:
     sort: str = opt("started", "order of the rows (unknown values last)", ("started", "val_bpb", "name"))
+
+
+@dataclass
+class ExportConfig:
+    format: str = opt("hf", "hf: a transformers directory; gguf: one llama.cpp file", ("hf", "gguf"))
+    dtype: str = opt("auto", "gguf weight type; auto = f16 (hf directories always hold fp32 weights)", ("auto", "f32", "f16", "q8_0"))
+    peft: bool = opt(False, "a LoRA fine-tune as an unmerged PEFT adapter (its base model in OUT/base)", switch=True)
+
+
+@dataclass
+class ImportConfig:
+    seq_len: int = opt(0, "context length of the run; 0 = config.json's max_position_embeddings", aliases=("max_position_embeddings",))
+    data: str = opt("", "prepared data directory the run names (what eval, finetune and compress read by default); empty = none")
+
+
+COMPRESS_METHODS = ("int8", "int8-dyn", "int4", "sparse", "prune", "distill")  # budgetlm.compress.METHODS (torch-free here)
+
+
+@dataclass
+class CompressConfig:
+    """the run keys of the model that trains (distill's student, prune's recovery) are --train-set KEY=VALUE"""
+
+    method: str = opt("", "int8 | int8-dyn | int4 (GPU) | sparse | prune | distill (required)", COMPRESS_METHODS)
+    budget: str = opt("", "prune: recovery training, empty = none; distill: the student's training, empty = 300s")
+    keep: float | None = opt(None, "prune: fraction of the blocks' parameters to keep; unset = 0.5 (or from speedup)")
+    speedup: float | None = opt(None, "prune: target forward speed-up instead of keep (estimated from FLOPs)")
+    units: str = opt("", "prune: what may go, a comma-separated subset of heads,neurons,layers; empty = all")
+    importance_batches: int = opt(8, "prune: batches of 8 sequences that score importance")
+    sparsity: float = opt(0.5, "sparse: fraction of the blocks' weights set to zero")
+    pattern: str = opt("unstructured", "sparse: which weights may be zero (2:4 needs a CUDA GPU with sparse tensor cores)", ("unstructured", "2:4"))
+    temperature: float = opt(2.0, "distill: softmax temperature of the soft targets")
+    alpha: float = opt(0.5, "distill: weight of the soft-target loss (1 - alpha: the LM loss)")
+    data: str = opt("", "prune, distill: prepared data to score and train on; empty = the run's")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the GPU if there is one)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def _rename_token(data: dict, token_id: int, new: str) -> None:
         data["post_processor"] = json.loads(json.dumps(data["post_processor"]).replace(json.dumps(old), json.dumps(new)))
 
 
-def import_hf(hf_dir: Path, out: Path) -> dict:
+def import_hf(hf_dir: Path, out: Path, seq_len: int = 0, data: str = "") -> dict:
+    """HF_DIR as a run in `out`; `seq_len` (0 = config.json's) is the run's context, `data` the prepared data it names."""
     from budgetlm.model import Transformer
     from budgetlm.tracking import environment
 
@@ -172,6 +173,11 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
     except json.JSONDecodeError:
         raise UserError(f"{cfg_path} is not valid JSON") from None
     model_cfg = model_config_from_hf(hf)
+    if seq_len < 0:
+        raise UserError(f"--seq-len must be positive (0 = config.json's), got {seq_len}")
+    if data and not Path(data).is_dir():
+        raise UserError(f"--data {data} is not a directory (a `budgetlm data prepare` output)")
+    model_cfg.seq_len = seq_len or model_cfg.seq_len  # rotary positions: no weight depends on the context length
     tokenizer = import_tokenizer(hf_dir, hf)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_cfg.vocab_size} embedding rows")
@@ -189,7 +195,7 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
     from budgetlm.checkpoint import save_weights_state
 
     out.mkdir(parents=True, exist_ok=True)
-    run_cfg = RunConfig(model=model_cfg, auto=False)
+    run_cfg = RunConfig(model=model_cfg, auto=False, data=data)
     save_config(run_cfg, out / CONFIG_FILE)
     tokenizer.save(out / TOKENIZER_FILE)
     save_weights_state(out / WEIGHTS_FILE, state)  # a tied output is the embedding tensor itself: stored once
@@ -200,7 +206,14 @@ def import_hf(hf_dir: Path, out: Path) -> dict:
 
 
 def import_command(args) -> int:
-    summary = import_hf(Path(args.hf_dir), Path(args.out))
+    from budgetlm.config import ImportConfig
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(ImportConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    summary = import_hf(Path(args.hf_dir), Path(args.out), seq_len=cfg.seq_len, data=cfg.data)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -106,7 +106,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     attn = C * C + 2 * C * c_kv + C * C  # wq, wk, wv, wo
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * C * F
     norms = 2 * C + (2 * head_dim if cfg.qk_norm else 0)
-    other = C + (C if cfg.embed_norm else 0)
+    other = C + (C if cfg.embed_norm else 0) + (C * C + C if cfg.mlm_head else 0) - (0 if cfg.first_attention_norm else C)
     return ParamCount(
         embedding=V * C,
         output=0 if cfg.tie_embeddings else V * C,

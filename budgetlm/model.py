@@ -62,6 +62,10 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
     if (cfg.n_embd // cfg.n_head) % 2:
         raise ValueError(f"head size n_embd/n_head = {cfg.n_embd // cfg.n_head} must be even for rotary positions")
+    if cfg.mlm_head and cfg.objective != "masked":
+        raise ValueError("model.mlm_head is the masked objective's prediction head (a causal model has none)")
+    if not cfg.first_attention_norm and not cfg.embed_norm:
+        raise ValueError("model.first_attention_norm=false needs model.embed_norm=true (the first block reads the normalised embeddings)")
     n_kv = cfg.n_kv_head or cfg.n_head
     if cfg.n_head % n_kv:
         raise ValueError(f"model.n_head ({cfg.n_head}) must be a multiple of model.n_kv_head ({n_kv})")
@@ -244,7 +248,8 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.attention_norm = make_norm(cfg, cfg.n_embd)
+        # ModernBERT's first block has no attention norm: the embedding norm's output is its input and the residual stream
+        self.attention_norm = make_norm(cfg, cfg.n_embd) if layer_id > 0 or cfg.first_attention_norm else nn.Identity()
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = make_norm(cfg, cfg.n_embd)
         self.feed_forward = FeedForward(cfg, layer_sizes(cfg, layer_id)[2])
@@ -253,6 +258,18 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None):
         x = x + self.dropout(self.attention(compute_dtype(self.attention_norm(x)), cos, sin, kv_cache, start_pos, attn_mask))
         return x + self.dropout(self.feed_forward(compute_dtype(self.ffn_norm(x))))
+
+
+class PredictionHead(nn.Module):
+    """BERT's and ModernBERT's transform before the decoder: norm(GELU(dense(h))), dense without a bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.norm = make_norm(cfg, cfg.n_embd)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h)))
 
 
 def compute_dtype(h: torch.Tensor) -> torch.Tensor:
@@ -322,6 +339,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg, cfg.n_embd)
+        self.mlm_head = PredictionHead(cfg) if cfg.mlm_head else None
         self.output = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
         self.tie_weights()
         # Rotary tables are derived state, not weights: non-persistent, recomputed by init_weights().
@@ -457,6 +475,8 @@ class Transformer(nn.Module):
             keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) masked positions only
             x = x.reshape(-1, x.size(-1)).index_select(0, keep)  # (M, C)
         h = self.norm(x)
+        if self.mlm_head is not None:
+            h = self.mlm_head(h)
         if loss:
             if self._chunked_loss_ok():
                 kept = targets[targets != IGNORE_INDEX] if self.cfg.objective == "masked" else targets

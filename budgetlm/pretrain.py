@@ -108,6 +108,12 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError("parallel.pp > 1 does not support train.seq_warmup or train.z_loss yet")
     if cfg.parallel.tp > 1 and cfg.parallel.loss_parallel and t.z_loss:
         raise UserError("train.z_loss needs whole logits: set parallel.loss_parallel=false with parallel.tp > 1")
+    if cfg.parallel.tp > 1 and m.mlm_head:  # the tensor-parallel plan has no layout for the head between the final norm and the output
+        raise UserError("model.mlm_head is not supported with parallel.tp > 1 yet")
+    if m.mlm_head and m.objective != "masked":
+        raise UserError("model.mlm_head is the masked objective's prediction head; a causal model has none")
+    if not m.first_attention_norm and not m.embed_norm:
+        raise UserError("model.first_attention_norm=false needs model.embed_norm=true (the first block would read raw embeddings)")
     if not 0 < t.mlm_rate < 1:
         raise UserError(f"train.mlm_rate={t.mlm_rate} must be in (0, 1)")
     if not 0 <= cfg.budget.reserve < 0.5:

@@ -137,3 +137,28 @@ def test_serve_load_bench_smoke(tmp_path):
         assert row["ok"] == row["requests"] == 4 and row["5xx"] == 0 and row["tokens_per_s"] > 0 and row["p50_ttft_s"] > 0
     assert sum(1 for r in rows if r.get("server", "").startswith("batching engine")) == 2
     assert "| 4 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_compress_bench_smoke_has_every_row_and_its_suite_score(tmp_path):
+    """bench/compress.py --smoke end to end (tiny runs, step budgets), the suite on a small local corpus: every
+    method's row is in the table with a suite score, the mean of the two tasks' headline metrics."""
+    import sys
+
+    from test_suite import _corpus
+
+    corpus = tmp_path / "pattern"
+    corpus.mkdir()
+    _corpus(corpus)
+    out = tmp_path / "compress"
+    cmd = [sys.executable, str(ROOT / "bench" / "compress.py"), "--smoke", "--repeats", "1", "--work", str(tmp_path / "work"),
+           "--out", str(out), "--suite-corpus", str(corpus)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 9
+    for row in rows:
+        s = row["suite"]
+        assert 0 <= s["sentiment_accuracy"] <= 1 and 0 <= s["pos_token_accuracy"] <= 1
+        assert s["score"] == pytest.approx((s["sentiment_accuracy"] + s["pos_token_accuracy"]) / 2)
+    md = out.with_suffix(".md").read_text()
+    assert "suite score (sentiment / POS)" in md and "Majority-class baselines" in md

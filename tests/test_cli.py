@@ -37,8 +37,6 @@ REQUIRED = {
     "serve": ["RUN"],
 }
 NO_JSON = {"serve"}  # a server answers over HTTP; it prints no result
-# verbs whose flags are plain argparse options, not yet a settings dataclass (they take no --set)
-PLAIN_FLAGS = {"export", "import", "compress"}
 
 
 def write_reviews(path: Path, n: int = 40) -> None:
@@ -70,11 +68,10 @@ def test_help_shows_every_default(verb):
         text = formatter._expand_help(action)
         if action.dest.startswith(DEST) or action.default not in (None, False, argparse.SUPPRESS):
             assert "(default:" in text, f"{verb} {action.option_strings[0]}: {text}"
-    if verb not in PLAIN_FLAGS:  # every settings verb has defaults to show (import has none)
-        assert "(default:" in parser.format_help()
+    assert "(default:" in parser.format_help()  # every verb's settings show their defaults
 
 
-@pytest.mark.parametrize("verb", sorted(set(REQUIRED) - PLAIN_FLAGS))
+@pytest.mark.parametrize("verb", sorted(REQUIRED))
 def test_every_flag_takes_either_spelling(verb):
     actions = settings_actions(verb)
     assert actions, f"{verb} has no settings dataclass"
@@ -145,6 +142,38 @@ def test_print_config_shows_the_resolved_settings(capsys):
     assert (cfg["method"], cfg["lora_rank"], cfg["epochs"]) == ("lora", 4, 3.0)
     assert main(["generate", "RUN", "--prompt", "x", "--temperature", "nope", "--print-config"]) == 2
     assert "config key 'temperature': expected a number" in capsys.readouterr().err
+
+
+def test_export_import_compress_settings_resolve_like_the_other_verbs(capsys):
+    assert main(["export", "RUN", "--out", "O", "--format", "gguf", "--set", "dtype=q8_0", "--print-config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"format": "gguf", "dtype": "q8_0", "peft": False}
+    assert main(["export", "RUN", "--out", "O", "--dtype", "f17", "--print-config"]) == 2
+    assert "'f17' is not one of auto, f32, f16, q8_0" in capsys.readouterr().err
+    assert main(["import", "HF", "--out", "O", "--max_position_embeddings", "128", "--print-config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 128  # the HF name lands on ours
+
+
+def test_compress_set_keeps_run_keys_apart_from_its_own_settings(capsys, monkeypatch):
+    """`compress --set` takes compress settings; a dotted key is a run key of the model that trains, as it was
+    before the verb had settings, and --train-set names those keys outright."""
+    seen = {}
+    monkeypatch.setattr("budgetlm.compress.command.compress", lambda run, out, cfg, train_set: seen.update(cfg=cfg, train_set=train_set) or {})
+    args = ["compress", "RUN", "--out", "O", "--method", "distill", "--set", "alpha=0.25", "--set", "model.n_layer=2",
+            "--train-set", "train.lr=1e-4", "--importance_batches", "3", "--json"]  # fmt: skip
+    assert main(args) == 0
+    assert (seen["cfg"].method, seen["cfg"].alpha, seen["cfg"].importance_batches) == ("distill", 0.25, 3)
+    assert seen["train_set"] == ["model.n_layer=2", "train.lr=1e-4"]
+    assert main(["compress", "RUN", "--out", "O", "--method", "prune", "--set", "kep=0.3"]) == 2
+    assert "did you mean 'keep'?" in capsys.readouterr().err
+    assert main(["compress", "RUN", "--out", "O", "--method", "int8", "--keep", "0.3", "--print-config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keep"] == 0.3
+
+
+def test_compress_refuses_a_missing_method_and_run_keys_where_nothing_trains(capsys, tmp_path):
+    assert main(["compress", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "give --method" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path), "--out", str(tmp_path / "o"), "--method", "int8", "--train-set", "train.lr=1"]) == 2
+    assert "int8 trains nothing" in capsys.readouterr().err
 
 
 def test_parallel_degrees_say_they_need_torchrun():

@@ -99,3 +99,19 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "unknown config key 'train.lrr'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        (["model.mlm_head=true"], "a causal model has none"),  # the head is the masked objective's
+        (["model.objective=masked", "model.first_attention_norm=false"], "needs model.embed_norm=true"),
+        (["model.objective=masked", "model.mlm_head=true", "parallel.tp=2"], "not supported with parallel.tp > 1"),
+    ],
+)
+def test_modernbert_layout_options_are_checked_before_training(keys, match):
+    from budgetlm.pretrain import check_config
+
+    cfg = apply_overrides(RunConfig(auto=False), keys)
+    with pytest.raises(UserError, match=match):
+        check_config(cfg)

@@ -165,6 +165,33 @@ def test_config_errors():
         Transformer(tiny(vocab_size=0))
     with pytest.raises(ValueError, match="n_kv_head"):
         Transformer(tiny(n_kv_head=3))
+    with pytest.raises(ValueError, match="mlm_head"):
+        Transformer(tiny(mlm_head=True))  # a causal model has no masked-LM head
+    with pytest.raises(ValueError, match="embed_norm"):
+        Transformer(tiny(objective="masked", first_attention_norm=False))  # the first block would read raw embeddings
+
+
+def test_modernbert_layout_options():
+    """first_attention_norm=false: block 0 reads the normalised embeddings as they are; mlm_head: norm(GELU(dense(h)))
+    before the decoder, in the sparse (training) path as in the dense one."""
+    cfg = tiny(objective="masked", mlp="geglu", norm="layernorm", embed_norm=True, first_attention_norm=False, mlm_head=True)
+    model = build(cfg).eval()
+    names = set(model.state_dict())
+    assert "layers.0.attention_norm.weight" not in names and "layers.1.attention_norm.weight" in names
+    assert {"mlm_head.dense.weight", "mlm_head.norm.weight"} <= names
+    idx = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        x = model.embed_norm(model.tok_embeddings(idx))
+        cos, sin = model.rope_cos[:32], model.rope_sin[:32]
+        block = model.layers["0"]
+        x = x + block.attention(x, cos, sin)  # no norm in front of the first block's attention
+        x = x + block.feed_forward(block.ffn_norm(x))
+        x = model.layers["1"](x, cos, sin)
+        h = F.layer_norm(F.gelu(model.mlm_head.dense(model.norm(x))), (64,), model.mlm_head.norm.weight, None, cfg.norm_eps)
+        torch.testing.assert_close(model(idx), model.output(h), atol=1e-5, rtol=0)
+        targets = torch.full_like(idx, IGNORE_INDEX)
+        targets[:, ::5] = 7
+        torch.testing.assert_close(model(idx, targets=targets), model(idx)[:, ::5].reshape(-1, 128), atol=1e-5, rtol=0)
 
 
 def test_initialisation_does_not_depend_on_layout():

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from budgetlm.config import COMPRESS_METHODS
 from budgetlm.errors import UserError
 
 COMPRESSION_FILE = "compression.json"
 FORMAT = "budgetlm-compressed/1"
-METHODS = ("int8", "int8-dyn", "int4", "sparse", "prune", "distill")
+METHODS = COMPRESS_METHODS
 QUANTIZED = ("int8", "int8-dyn", "int4")
 
 

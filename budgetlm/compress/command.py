@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from budgetlm.compress import COMPRESSION_FILE, FORMAT, METHODS, QUANTIZED, compression_info
-from budgetlm.config import apply_overrides, save_config
+from budgetlm.config import CompressConfig, apply_overrides, save_config
 from budgetlm.errors import UserError
 from budgetlm.files import write_json
 from budgetlm.run import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, Run, load_run, resolve_device, weights_path
@@ -136,36 +136,36 @@ def keep_for_speedup(model, speedup: float) -> float:
     return keep
 
 
-def prune_run(run: Run, out: Path, args, device: torch.device, begin=lambda detail: None) -> dict:
+def prune_run(run: Run, out: Path, opts: CompressConfig, train_set: list[str], device: torch.device, begin=lambda detail: None) -> dict:
     from budgetlm.checkpoint import save_weights
     from budgetlm.compress.prune import UNITS, apply_plan, choose, importance
     from budgetlm.pretrain import check_config, pretrain
 
-    units = tuple(u.strip() for u in (args.units or ",".join(UNITS)).split(",") if u.strip())
+    units = tuple(u.strip() for u in (opts.units or ",".join(UNITS)).split(",") if u.strip())
     bad = [u for u in units if u not in UNITS]
     if bad or not units:
-        raise UserError(f"--units takes a comma-separated subset of {','.join(UNITS)}, got {args.units!r}")
-    if args.keep is not None and args.speedup is not None:
+        raise UserError(f"--units takes a comma-separated subset of {','.join(UNITS)}, got {opts.units!r}")
+    if opts.keep is not None and opts.speedup is not None:
         raise UserError("give the target as --keep or --speedup, not both")
-    if args.speedup is not None:
-        if args.speedup <= 1:
-            raise UserError(f"--speedup must be above 1, got {args.speedup}")
-        keep, per = keep_for_speedup(run.model, args.speedup), "flops"
+    if opts.speedup is not None:
+        if opts.speedup <= 1:
+            raise UserError(f"--speedup must be above 1, got {opts.speedup}")
+        keep, per = keep_for_speedup(run.model, opts.speedup), "flops"
     else:
-        keep, per = (0.5 if args.keep is None else args.keep), "params"
+        keep, per = (0.5 if opts.keep is None else opts.keep), "params"
         if not 0 < keep < 1:
             raise UserError(f"--keep is the fraction of the blocks' parameters to keep, in (0, 1); got {keep}")
-    budget = args.budget or "0"
+    budget = opts.budget or "0"
     recovery_cfg = None
     if budget != "0":
         from budgetlm.budget import parse_budget
 
         parse_budget(budget)
-    data = open_data(run, args.data)
-    if args.importance_batches < 1:
-        raise UserError(f"--importance-batches must be at least 1, got {args.importance_batches}")
+    data = open_data(run, opts.data or None)
+    if opts.importance_batches < 1:
+        raise UserError(f"--importance-batches must be at least 1, got {opts.importance_batches}")
     model = run.model.to(device)
-    scores = importance(model, importance_batches(run, data, args.importance_batches, device))
+    scores = importance(model, importance_batches(run, data, opts.importance_batches, device))
     plan = choose(model, scores, keep, per=per, units=units)
     pruned = apply_plan(model, plan)
     cfg = copy.deepcopy(run.config)
@@ -174,7 +174,7 @@ def prune_run(run: Run, out: Path, args, device: torch.device, begin=lambda deta
     cfg.auto = False  # the pruned shapes are the point: the planner must not choose another model
     copy_run_files(run.dir, out, cfg)
     save_weights(out / PRUNED_FILE, pruned)
-    summary = {"settings": {"keep": keep, "per": per, "units": list(units), "budget": budget, "importance_batches": args.importance_batches},
+    summary = {"settings": {"keep": keep, "per": per, "units": list(units), "budget": budget, "importance_batches": opts.importance_batches},
                "plan": plan.to_dict(), "params_after": count_params(pruned), "model_after": {"n_layer": pruned.cfg.n_layer,
                "layer_heads": pruned.cfg.layer_heads, "layer_ffn": pruned.cfg.layer_ffn}}  # fmt: skip
     if budget == "0":
@@ -182,32 +182,32 @@ def prune_run(run: Run, out: Path, args, device: torch.device, begin=lambda deta
         return summary
     recovery_cfg = cfg
     recovery_cfg.budget.limit = budget
-    apply_overrides(recovery_cfg, args.set or [])
+    apply_overrides(recovery_cfg, train_set)
     check_config(recovery_cfg)
     begin(summary)  # from here on DIR is a resumable run: `budgetlm pretrain --resume DIR` finishes a killed recovery
     summary["recovery"] = pretrain(recovery_cfg, out, init_weights=out / PRUNED_FILE)
     return summary
 
 
-def distill_run(teacher: Run, out: Path, args, device: torch.device, begin=lambda detail: None) -> dict:
+def distill_run(teacher: Run, out: Path, opts: CompressConfig, train_set: list[str], device: torch.device, begin=lambda detail: None) -> dict:
     from budgetlm.budget import parse_budget
     from budgetlm.compress.distill import distill_loss
     from budgetlm.distributed import init_distributed
     from budgetlm.model import Transformer
     from budgetlm.pretrain import check_config, plan_run, pretrain
 
-    if not 0 <= args.alpha <= 1:
-        raise UserError(f"--alpha (weight of the teacher's soft targets) must be in [0, 1], got {args.alpha}")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {args.temperature}")
-    budget = args.budget or "300s"
+    if not 0 <= opts.alpha <= 1:
+        raise UserError(f"--alpha (weight of the teacher's soft targets) must be in [0, 1], got {opts.alpha}")
+    if opts.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {opts.temperature}")
+    budget = opts.budget or "300s"
     parse_budget(budget)
-    data = open_data(teacher, args.data)
+    data = open_data(teacher, opts.data or None)
     t_cfg = teacher.config.model
     cfg = copy.deepcopy(teacher.config)
     cfg.data, cfg.budget.limit = str(data.path), budget
     cfg.model.layer_heads, cfg.model.layer_ffn = [], []  # a pruned teacher's per-block sizes are not the student's
-    overrides = args.set or []
+    overrides = train_set
     apply_overrides(cfg, overrides)
     keys = {o.split("=", 1)[0].strip() for o in overrides}
     m = cfg.model
@@ -228,8 +228,8 @@ def distill_run(teacher: Run, out: Path, args, device: torch.device, begin=lambd
         raise UserError(f"{how} a student of {student_params:,} parameters, no smaller than the teacher ({teacher.model.num_params():,}); "
                         "set a smaller one, e.g. --set model.n_layer=2")  # fmt: skip
     teacher_model = teacher.model.to(device).eval().requires_grad_(False)
-    loss_fn = distill_loss(teacher_model, temperature=args.temperature, alpha=args.alpha, z_loss=cfg.train.z_loss)
-    detail = {"settings": {"temperature": args.temperature, "alpha": args.alpha, "budget": budget, "data": str(data.path)},
+    loss_fn = distill_loss(teacher_model, temperature=opts.temperature, alpha=opts.alpha, z_loss=cfg.train.z_loss)
+    detail = {"settings": {"temperature": opts.temperature, "alpha": opts.alpha, "budget": budget, "data": str(data.path)},
               "params_after": student_params,
               "model_after": {k: getattr(cfg.model, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden")}}  # fmt: skip
     begin(detail)
@@ -241,17 +241,24 @@ def distill_run(teacher: Run, out: Path, args, device: torch.device, begin=lambd
 # the command
 
 
-def compress(run_dir: Path, method: str, out: Path, args) -> dict:
-    """Apply `method` to the run at `run_dir`, writing the compressed run to `out`; returns the record."""
+def compress(run_dir: Path, out: Path, cfg: CompressConfig, train_set: list[str] | None = None) -> dict:
+    """Apply `cfg.method` to the run at `run_dir`, writing the compressed run to `out`; returns the record.
+
+    `train_set`: run keys (`model.n_layer=2`) of the model that trains, distill's student or prune's recovery."""
+    method, train_set = cfg.method, list(train_set or [])
+    if not method:
+        raise UserError(f"give --method (one of {', '.join(METHODS)})")
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose one of {', '.join(METHODS)})")
+    if train_set and method not in ("prune", "distill"):
+        raise UserError(f"--train-set {train_set[0]}: {method} trains nothing (run keys are for prune's recovery and distill's student)")
     run_dir, out = Path(run_dir), Path(out)
     source_info = compression_info(run_dir)
     if source_info and source_info["method"] in QUANTIZED:
         raise UserError(f"{run_dir} is already quantized ({source_info['method']}); compress the run it came from")
     check_out(out)
-    device = resolve_device(getattr(args, "device", None) or "auto")
-    if method not in ("prune", "distill") and getattr(args, "budget", None):
+    device = resolve_device(cfg.device or "auto")
+    if method not in ("prune", "distill") and cfg.budget:
         raise UserError(f"--budget is for prune (recovery training) and distill; {method} does not train")
     run = load_run(run_dir, device)
     head = {
@@ -272,11 +279,11 @@ def compress(run_dir: Path, method: str, out: Path, args) -> dict:
         if method in QUANTIZED:
             detail = quantize_run(run, out, method, device)
         elif method == "sparse":
-            detail = sparse_run(run, out, args.sparsity, args.pattern, device)
+            detail = sparse_run(run, out, cfg.sparsity, cfg.pattern, device)
         elif method == "prune":
-            detail = prune_run(run, out, args, device, begin)
+            detail = prune_run(run, out, cfg, train_set, device, begin)
         else:
-            detail = distill_run(run, out, args, device, begin)
+            detail = distill_run(run, out, cfg, train_set, device, begin)
     except BaseException:
         if out.is_dir() and not (out / COMPRESSION_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written that looks like a run (training keeps its checkpoint)
@@ -286,13 +293,28 @@ def compress(run_dir: Path, method: str, out: Path, args) -> dict:
     return record
 
 
+def split_set(items: list[str]) -> tuple[list[str], list[str]]:
+    """`--set` items as (compress settings, run keys): a run key has a section (model.n_layer), no compress setting has one,
+    so `--set model.n_layer=2` keeps its old meaning (the student's key) beside `--set keep=0.3`."""
+    flat = [i for i in items if "." not in i.split("=", 1)[0]]
+    return flat, [i for i in items if i not in flat]
+
+
 def compress_command(args) -> int:
-    record = compress(Path(args.run), args.method, Path(args.out), args)
+    from budgetlm.flags import flag_overrides, print_config
+
+    own, run_keys = split_set(args.set or [])
+    cfg = apply_overrides(CompressConfig(), flag_overrides(args) + own)
+    train_set = run_keys + list(args.train_set or [])
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    record = compress(Path(args.run), Path(args.out), cfg, train_set)
     if args.json:
         print(json.dumps(record))
         return 0
     mb = lambda n: f"{n / 1e6:.2f} MB"
-    line = (f"{args.method}: {record['params_before']:,} -> {record['params_after']:,} parameters, "
+    line = (f"{cfg.method}: {record['params_before']:,} -> {record['params_after']:,} parameters, "
             f"{mb(record['size_before_bytes'])} -> {mb(record['size_after_bytes'])} on disk")  # fmt: skip
     if "block_weight_sparsity" in record:
         line += f", blocks' weights {record['block_weight_sparsity']:.1%} zero ({record['overall_sparsity']:.1%} of all parameters)"

@@ -169,7 +169,8 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, loss_paralle
             # (partial sums over this rank's heads) are summed over the mesh (torchtitan's Qwen3 plan)
             plan["attention.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
             plan["attention.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
-        plan["attention_norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParams()
+        if not isinstance(block.attention_norm, nn.Identity):  # model.first_attention_norm=false: block 0 has none
+            plan["attention_norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParams()
         plan["ffn_norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParams()
         parallelize_module(block, tp_mesh, plan)
     model.tie_weights()  # both sides are now Shard(0) of the same (vocab, n_embd) matrix

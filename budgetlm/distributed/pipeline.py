@@ -83,7 +83,7 @@ def merge_stages(stages: list[nn.Module]) -> nn.Module:
     merged = Transformer.on_meta(first.cfg)
     merged.layers = nn.ModuleDict({k: block for s in stages for k, block in s.layers.items()})
     merged.tok_embeddings, merged.embed_norm = first.tok_embeddings, first.embed_norm
-    merged.norm, merged.output = last.norm, last.output
+    merged.norm, merged.mlm_head, merged.output = last.norm, last.mlm_head, last.output
     merged.rope_cos, merged.rope_sin = first.rope_cos, first.rope_sin  # (registered buffers: no meta tensor left)
     return merged
 
@@ -96,6 +96,7 @@ def make_stage(model: nn.Module, layers: list[int], first: bool, last: bool) -> 
         model.tok_embeddings = None
     if not last:
         model.norm = None
+        model.mlm_head = None
         model.output = None
     return model
 

@@ -1,7 +1,8 @@
 """`budgetlm export`: a run or a fine-tuned directory in the formats other tools load.
 
     hf    a transformers directory (`budgetlm.export.hf`): causal runs -> LlamaForCausalLM (Qwen3 with
-          QK-norm), masked runs -> EuroBertForMaskedLM, fine-tuned classifiers -> ...ForSequence/
+          QK-norm), masked runs -> EuroBertForMaskedLM (RMSNorm) or ModernBertForMaskedLM (LayerNorm in
+          ModernBERT's layout, `budgetlm.export.modernbert`), fine-tuned classifiers -> ...ForSequence/
           TokenClassification; `--peft` writes a LoRA fine-tune unmerged as a PEFT adapter
     gguf  one llama.cpp file (`budgetlm.export.gguf`), f32 / f16 / q8_0
 
@@ -59,7 +60,14 @@ def export(source: str | Path, out: str | Path, fmt: str = "hf", dtype: str | No
 
 
 def export_command(args) -> int:
-    summary = export(args.source, args.out, args.format, dtype=args.dtype, peft=args.peft)
+    from budgetlm.config import ExportConfig
+    from budgetlm.flags import print_config, settings_from_args
+
+    cfg = settings_from_args(ExportConfig, args)
+    if args.print_config:
+        print_config(cfg, args.json)
+        return 0
+    summary = export(args.source, args.out, cfg.format, dtype=None if cfg.dtype == "auto" else cfg.dtype, peft=cfg.peft)
     if args.json:
         print(json.dumps(summary))
     else:

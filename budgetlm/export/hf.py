@@ -5,10 +5,13 @@ Which family takes a budgetlm model is decided by its options, never approximate
     causal, RMSNorm, gated MLP (SwiGLU or GEGLU)         -> LlamaForCausalLM
       ... with QK-norm                                   -> Qwen3ForCausalLM (RMSNorm on q/k per head, before rotary)
     masked, RMSNorm, gated MLP, no QK-norm               -> EuroBertForMaskedLM (Llama's blocks without the causal mask)
+    masked, LayerNorm, embedding norm, no first-block    -> ModernBertForMaskedLM (`budgetlm.export.modernbert`)
+      attention norm, prediction head, gated MLP
 
-Everything else is refused with one line naming the option: LayerNorm (no Llama-layout family
-has it without biases), plain GELU / squared-ReLU MLPs (Llama's MLP is gated), the embedding
-norm, and the logit soft-cap (only Gemma 2 has one, and its blocks differ). The weights are a
+Everything else is refused with one line naming the option: LayerNorm outside ModernBERT's layout
+(no Llama-layout family has it), plain GELU / squared-ReLU MLPs (the families' MLPs are gated), an
+embedding norm outside ModernBERT's layout, QK-norm on a masked model (neither EuroBERT nor ModernBERT
+has it), and the logit soft-cap (only Gemma 2 has one, and its blocks differ). The weights are a
 rename (`budgetlm.hf_names`): the rotary layout is already Hugging Face's "rotate-half".
 
 Fine-tuned directories become the family's `...ForSequenceClassification` (classify, pair,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,7 +45,18 @@ GATED_ACT = {"swiglu": "silu", "geglu": "gelu"}  # budgetlm mlp -> HF hidden_act
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """'llama', 'qwen3' or 'eurobert' for a model config, or UserError naming the option no family has."""
+    """'llama', 'qwen3', 'eurobert' or 'modernbert' for a model config, or UserError naming the option no family has."""
+    if cfg.objective == "masked" and (cfg.norm == "layernorm" or cfg.embed_norm or cfg.mlm_head or not cfg.first_attention_norm):
+        from budgetlm.export.modernbert import modernbert_refusal
+
+        why = modernbert_refusal(cfg)
+        if why is None:
+            return "modernbert"
+        raise UserError(
+            f"cannot export to Hugging Face: a masked model with LayerNorm, an embedding norm or a prediction head is ModernBERT's layout "
+            f"only with model.norm=layernorm, embed_norm=true, first_attention_norm=false, mlm_head=true, a gated MLP and no QK-norm; "
+            f"this one has {why}"
+        )
     refusals = {
         "norm": (cfg.norm != "rmsnorm", "the Llama-layout families (Llama, Qwen3, EuroBERT) use RMSNorm; train with model.norm=rmsnorm"),
         "mlp": (cfg.mlp not in GATED_ACT, "their MLP is gated (swiglu or geglu); plain gelu and relu2 have no Hugging Face counterpart"),
@@ -53,7 +68,10 @@ def hf_family(cfg: ModelConfig) -> str:
             raise UserError(f"cannot export to Hugging Face: model.{option}={getattr(cfg, option)!r} ({why})")
     if cfg.objective == "masked":
         if cfg.qk_norm:
-            raise UserError("cannot export to Hugging Face: model.qk_norm=True on a masked model (EuroBERT has no QK-norm)")
+            raise UserError(
+                "cannot export to Hugging Face: model.qk_norm=True on a masked model (neither EuroBERT nor ModernBERT has QK-norm; "
+                "pretrain with --set model.qk_norm=false)"
+            )
         return "eurobert"
     return "qwen3" if cfg.qk_norm else "llama"
 
@@ -63,6 +81,14 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
     import transformers
 
     family = hf_family(cfg)
+    if family == "modernbert":
+        from budgetlm.export.modernbert import modernbert_config_kwargs
+
+        ids = special_token_ids(tokenizer)
+        config = transformers.ModernBertConfig(**modernbert_config_kwargs(cfg), **ids, cls_token_id=ids["bos_token_id"],
+                                               sep_token_id=ids["eos_token_id"], **extra)  # fmt: skip
+        config.dtype = "float32"
+        return config
     kwargs = dict(shape_kwargs(cfg), hidden_act=GATED_ACT[cfg.mlp], attention_dropout=0.0, **special_token_ids(tokenizer))
     if family == "llama":
         config = transformers.LlamaConfig(**kwargs, mlp_bias=False, **extra)
@@ -84,6 +110,10 @@ def special_token_ids(tokenizer) -> dict:
 
 def body_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The body's weights under HF names (`model.*`, `lm_head.weight` unless tied: safetensors refuses shared tensors)."""
+    if hf_family(model.cfg) == "modernbert":
+        from budgetlm.export.modernbert import to_modernbert_state_dict
+
+        return to_modernbert_state_dict(model)
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "output.weight" and model.cfg.tie_embeddings:
@@ -137,7 +167,7 @@ def export_run(run, out: Path) -> dict:
 
     cfg = run.config.model
     family = hf_family(cfg)
-    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "eurobert": "EuroBertForMaskedLM"}[family]
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "eurobert": "EuroBertForMaskedLM"}.get(family, "ModernBertForMaskedLM")
     config = hf_config(cfg, run.tokenizer, architectures=[arch])
     _save(out, config, body_state_dict(run.model))
     write_tokenizer(run.tokenizer, out, cfg.seq_len)
@@ -195,7 +225,7 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
     template = None if task == "tag" else ("causal-cls" if cfg.objective == "causal" else "masked-cls")
     if peft:
         return _export_peft(model, meta, family, config, head, arch, tokenizer, template, out)
-    state = {k: v for k, v in body_state_dict(body).items() if k != "lm_head.weight"}
+    state = {k: v for k, v in body_state_dict(body).items() if k not in ("lm_head.weight", "decoder.weight")}
     _save(out, config, {**state, **head})
     write_tokenizer(tokenizer, out, cfg.seq_len, template)
     return {"format": "hf", "architecture": arch, "task": task, "method": meta["method"], "out": str(out)}
@@ -203,7 +233,7 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
 
 def _head(model, family: str, task: str, space, meta: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(config additions, head weights under HF names, architecture) of a task model."""
-    prefix = {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert"}[family]
+    prefix = {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert", "modernbert": "ModernBert"}[family]
     W = model.head.weight.detach().float()
     b = model.head.bias.detach().float() if model.head.bias is not None else None
     if task == "regress":
@@ -216,6 +246,15 @@ def _head(model, family: str, task: str, space, meta: dict) -> tuple[dict, dict[
         extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
         extra["problem_type"] = "single_label_classification" if task != "tag" else None
     extra = {k: v for k, v in extra.items() if v is not None}
+    if family == "modernbert":
+        # head = the body's prediction head (in the body's weights, as `head.*`), then classifier, which always has a bias
+        head = {"classifier.weight": W, "classifier.bias": b if b is not None else torch.zeros(W.shape[0])}
+        if task == "tag":
+            return extra, head, f"{prefix}ForTokenClassification"
+        pooling = {"mean": "mean", "first": "cls"}.get(model.pooling)
+        if pooling is None:
+            raise UserError(f"cannot export: ModernBertForSequenceClassification pools the first token or the mean, not '{model.pooling}'")
+        return {**extra, "classifier_pooling": pooling}, head, f"{prefix}ForSequenceClassification"
     if task == "tag":
         name = "classifier" if family == "eurobert" else "score"
         head = {f"{name}.weight": W, f"{name}.bias": b if b is not None else torch.zeros(W.shape[0])}
@@ -273,14 +312,25 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     config.save_pretrained(str(out))
     opts = meta["method_options"]
     targets = sorted({LORA_TARGETS[t] for t in opts["lora_targets"]})
-    state = {}
+    state, patterns = {}, {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in model.body.named_parameters():
         if "lora_A" not in name and "lora_B" not in name:
             continue
         # peft names them layers.0.attention.wq.lora_A.default.weight; PEFT files drop the adapter name
         module, kind = name.split(".lora_")
-        base_name = to_hf_name(module + ".weight")[: -len(".weight")]
-        state[f"base_model.model.{base_name}.lora_{kind.split('.')[0]}.weight"] = p.detach().float().contiguous()
+        lora.setdefault(module, {})[kind[0]] = p.detach().float()
+        if family != "modernbert":
+            base_name = to_hf_name(module + ".weight")[: -len(".weight")]
+            state[f"base_model.model.{base_name}.lora_{kind.split('.')[0]}.weight"] = p.detach().float().contiguous()
+    if family == "modernbert":  # q/k/v and gate/value are fused there: one LoRA per fused module, the same update
+        from budgetlm.export.modernbert import LORA_PARTS, fused_lora
+
+        fused, ranks, alphas = fused_lora(lora, opts["lora_rank"], opts["lora_alpha"])
+        state = {f"base_model.model.{k}": v for k, v in fused.items()}
+        modules = sorted({LORA_PARTS[t][0] for t in opts["lora_targets"]})
+        targets = r".*\.(" + "|".join(re.escape(m) for m in modules) + ")"  # a regex: attn.Wo and mlp.Wo share the name Wo
+        patterns = {"rank_pattern": ranks, "alpha_pattern": alphas}
     for k, v in head.items():
         state[f"base_model.model.{k}"] = v.contiguous()
     task_type = "TOKEN_CLS" if meta["task"] == "tag" else "SEQ_CLS"
@@ -299,6 +349,7 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
+        **patterns,
     }
     write_json(out / "adapter_config.json", adapter_config)
     save_safetensors(state, out / "adapter_model.safetensors")

@@ -147,8 +147,11 @@ class TaskModel(nn.Module):
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B, L), regression values (B,), or token logits (B, T, L)."""
         h = self.hidden(idx, lengths)
+        # a body with a prediction head (model.mlm_head) passes the features through it, after pooling, as ModernBERT's
+        # ...ForSequence/TokenClassification do (their `head` loads the masked-LM head's weights): fine-tuning starts from it
+        transform = getattr(self.body, "mlm_head", None) or nn.Identity()
         if self.task == "tag":
-            return self.head(self.head_dropout(h))
+            return self.head(self.head_dropout(transform(h)))
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, C)
         elif self.pooling == "first":
@@ -156,7 +159,7 @@ class TaskModel(nn.Module):
         else:
             real = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)  # (B, T)
             pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
-        out = self.head(self.head_dropout(pooled))
+        out = self.head(self.head_dropout(transform(pooled)))
         return out.squeeze(-1) if self.task == "regress" else out
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
