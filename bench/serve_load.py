@@ -5,7 +5,8 @@ answering one request at a time) a `budgetlm serve` process is started on a free
 for each concurrency level (1, 8, 32, 64 clients, each sending its next request as soon as the last
 one ended) a fixed number of streamed completions is sent with the openai wire format. Per level:
 requests/s, generated tokens/s, p50/p99 latency (request to last byte) and time to first token,
-and the count of 5xx answers. Every level is bounded in requests and in time (`--level-timeout`).
+the count of 5xx answers, and the CPU time the server and the client (this process) spent per token.
+Every level is bounded in requests and in time (`--level-timeout`).
 The table gives the median of `--repeats` runs of each cell.
 
     python bench/serve_load.py runs/demo/run --out bench/results/serve_load
@@ -36,6 +37,23 @@ def start_server(run: str, max_batch: int, device: str) -> tuple[subprocess.Pope
         proc.kill()
         raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
     return proc, line.split(" on ")[1].split()[0]
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_level(proc: subprocess.Popen, url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    """`level`, with the CPU time the server process and this (client) process spent per generated token:
+    on a shared 2-core machine the client's share is what the server could not use."""
+    server0, client0 = process_cpu_s(proc.pid), time.process_time()
+    row = asyncio.run(level(url, concurrency, requests, max_tokens, timeout))
+    tokens = max(1.0, row["tokens_per_s"] * row["wall_s"])
+    row["server_cpu_ms_per_token"] = 1000 * (process_cpu_s(proc.pid) - server0) / tokens
+    row["client_cpu_ms_per_token"] = 1000 * (time.process_time() - client0) / tokens
+    return row
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,16 +185,23 @@ def latency(r: dict) -> str:
     return f"{r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s"
 
 
+def cpu_cells(r: dict) -> str:
+    if "server_cpu_ms_per_token" not in r:  # the engine and the pipeline run in this process
+        return "-"
+    return f"{r['server_cpu_ms_per_token']:.3f} / {r['client_cpu_ms_per_token']:.3f}"
+
+
 def table(rows: list[dict]) -> str:
-    head = "| server | clients | requests | req/s | tokens/s | p50 latency | p99 latency | p50 TTFT | p99 TTFT | 5xx |\n"
-    head += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    head = "| server | clients | requests | req/s | tokens/s | p50 latency | p99 latency | p50 TTFT | p99 TTFT | 5xx "
+    head += "| CPU ms per token: server / client |\n"
+    head += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     lines = []
     for r in rows:
         name = r.get("server") or (f"batched (--max-batch {r['max_batch']})" if r["max_batch"] > 1 else "one at a time (--max-batch 1)")
         ttft = "-" if r["p50_ttft_s"] != r["p50_ttft_s"] else f"{r['p50_ttft_s']:.3f} s | {r['p99_ttft_s']:.3f} s"  # NaN: not streamed
         lines.append(
             f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{latency(r)} | {ttft if ttft != '-' else '- | -'} | {r['5xx']} |"
+            f"{latency(r)} | {ttft if ttft != '-' else '- | -'} | {r['5xx']} | {cpu_cells(r)} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -213,7 +238,7 @@ def main() -> int:
             asyncio.run(level(url, 2, 4, 4, 60))  # warm-up: first-call costs are not load
             for c in args.concurrency:
                 n = args.requests or max(32, 2 * c)
-                runs = [asyncio.run(level(url, c, n, args.max_tokens, args.level_timeout)) for _ in range(args.repeats)]
+                runs = [measured_level(proc, url, c, n, args.max_tokens, args.level_timeout) for _ in range(args.repeats)]
                 row = {"max_batch": max_batch, **median_row(runs)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -135,6 +135,7 @@ def test_serve_load_bench_smoke(tmp_path):
     assert sorted((r["max_batch"], r["concurrency"]) for r in served) == [(1, 1), (1, 4), (4, 1), (4, 4)]
     for row in served:
         assert row["ok"] == row["requests"] == 4 and row["5xx"] == 0 and row["tokens_per_s"] > 0 and row["p50_ttft_s"] > 0
+        assert row["server_cpu_ms_per_token"] > 0 and row["client_cpu_ms_per_token"] > 0
     assert sum(1 for r in rows if r.get("server", "").startswith("batching engine")) == 2
     assert "| 4 |" in out.with_suffix(".md").read_text()
 
