@@ -3,6 +3,7 @@ computes budgetlm's logits (fp32, 1e-5); the tokenizer round-trips; greedy gener
 options no Hugging Face family holds are refused with one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,25 +174,34 @@ def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, dat
     base = make_run(tmp_path / "run", objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
     fmt = ["--format", "tagged"] if file.endswith(".txt") else []
     ft = _finetune(base, tmp_path / "ft", data / file, "--task", task, "--method", method, *fmt)
-    assert main(["export", str(ft), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    auto = transformers.AutoModelForTokenClassification if task == "tag" else transformers.AutoModelForSequenceClassification
-    hf = auto.from_pretrained(tmp_path / "hf").eval()
+    hf, ours, theirs, idx, mask, space = export_task_logits(ft, tmp_path / "hf", task)
     assert type(hf).__name__ == arch
+    if task == "regress":
+        assert hf.config.problem_type == "regression" and abs(space.stats["mean"] - 3.5) < 0.1
+    else:
+        assert hf.config.id2label == dict(enumerate(space.labels))
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    if task != "tag":  # the exported tokenizer encodes examples as fine-tuning did: the first text's ids are row 0
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert tok(TEXTS[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
+
+
+def export_task_logits(ft: Path, out: Path, task: str):
+    """Export a fine-tuned directory as a Hugging Face directory, load it with its task's Auto class, and
+    return (model, budgetlm logits, its logits, ids, mask, label space), the two logits comparable:
+    regression in the target's units (budgetlm's head predicts it standardised), tags at real tokens."""
+    assert main(["export", str(ft), "--format", "hf", "--out", str(out)]) == 0
+    auto = transformers.AutoModelForTokenClassification if task == "tag" else transformers.AutoModelForSequenceClassification
+    hf = auto.from_pretrained(out).eval()
     texts = ["the dog sat on a mat", "a cat sat"] if task == "tag" else TEXTS
     ours, idx, mask, space = _task_logits(ft, texts, task)
     with torch.no_grad():
         theirs = hf(input_ids=idx, attention_mask=mask).logits.float()
-    if task == "regress":  # budgetlm's head predicts the standardised target; the export the target itself
+    if task == "regress":
         ours, theirs = ours * space.stats["std"] + space.stats["mean"], theirs.squeeze(-1)
-        assert hf.config.problem_type == "regression" and abs(space.stats["mean"] - 3.5) < 0.1
-    else:
-        assert hf.config.id2label == dict(enumerate(space.labels))
     if task == "tag":
         ours, theirs = ours[mask.bool()], theirs[mask.bool()]  # pads carry no labels
-    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
-    if task != "tag":  # the exported tokenizer encodes examples as fine-tuning did: the first text's ids are row 0
-        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-        assert tok(texts[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
+    return hf, ours, theirs, idx, mask, space
 
 
 def test_causal_regression_head_is_refused(tmp_path, data, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_export_hf import ATOL, TEXTS, _finetune, _idx, _task_logits, data, make_run, randomize_lora_b  # noqa: F401 (data: a fixture)
+from test_export_hf import ATOL, TEXTS, _finetune, _idx, _task_logits, data, export_task_logits, make_run, randomize_lora_b  # noqa: F401 (data: a fixture)
 
 from budgetlm.cli import main
 from budgetlm.export import export
@@ -72,20 +72,10 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
 def test_finetuned_classifier_exports_as_modernbert(tmp_path, data, task, method, file, extra, arch):  # noqa: F811
     base = make_run(tmp_path / "run", **MODERNBERT)
     ft = _finetune(base, tmp_path / "ft", data / file, "--task", task, "--method", method, *extra)
-    assert main(["export", str(ft), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    auto = transformers.AutoModelForTokenClassification if task == "tag" else transformers.AutoModelForSequenceClassification
-    hf = auto.from_pretrained(tmp_path / "hf").eval()
+    hf, ours, theirs, _, _, space = export_task_logits(ft, tmp_path / "hf", task)
     assert type(hf).__name__ == arch
-    texts = ["the dog sat on a mat", "a cat sat"] if task == "tag" else TEXTS
-    ours, idx, mask, space = _task_logits(ft, texts, task)
-    with torch.no_grad():
-        theirs = hf(input_ids=idx, attention_mask=mask).logits.float()
-    if task == "regress":  # budgetlm's head predicts the standardised target; the export the target itself
-        ours, theirs = ours * space.stats["std"] + space.stats["mean"], theirs.squeeze(-1)
-    else:
+    if task != "regress":
         assert hf.config.id2label == dict(enumerate(space.labels)) and hf.config.label2id == {v: k for k, v in enumerate(space.labels)}
-    if task == "tag":
-        ours, theirs = ours[mask.bool()], theirs[mask.bool()]  # pads carry no labels
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
 
 

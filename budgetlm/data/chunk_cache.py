@@ -268,7 +268,8 @@ class ChunkCache:
             return idx
         # the distinct new chunks, in order of first appearance
         miss_short = missing[short[missing]]
-        m_lo, m_hi = lo[np.searchsorted(s_pos, miss_short)], hi[np.searchsorted(s_pos, miss_short)]
+        at = np.searchsorted(s_pos, miss_short)  # where each missing short chunk's key is in lo / hi
+        m_lo, m_hi = lo[at], hi[at]
         first = _first_of_each(m_lo, m_hi)
         new_short = [data[s : s + n] for s, n in zip(starts[miss_short[first]].tolist(), lens[miss_short[first]].tolist())]
         new_long = list(dict.fromkeys(k for k, i in zip(long_keys, idx[long_pos].tolist()) if i < 0))
