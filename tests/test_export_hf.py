@@ -96,15 +96,31 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert gen["eos_token_id"] == ours.eos_id and gen["suppress_tokens"][0] == ours.vocab_size
 
 
-def test_masked_run_exports_as_eurobert(tmp_path):
-    src = make_run(tmp_path / "run", objective="masked", mlp="geglu", tie_embeddings=False)
+@pytest.mark.parametrize(
+    "model, arch",
+    [
+        ({"mlp": "geglu", "tie_embeddings": False}, "EuroBertForMaskedLM"),
+        # the planner's masked default; no masked-LM family has QK-norm, so the directory carries EuroBERT plus it
+        ({"qk_norm": True, "tie_embeddings": False}, "EuroBertQKNormForMaskedLM"),
+    ],
+)
+def test_masked_run_exports_as_eurobert(tmp_path, model, arch):
+    src = make_run(tmp_path / "run", objective="masked", **model)
     export(src, tmp_path / "hf")
     run = load_run(src)
-    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "EuroBertForMaskedLM"
+    if model.get("qk_norm"):  # the modeling file is code: transformers runs it only when told to
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=False)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(hf).__name__ == arch
     idx = _idx(run)
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits.float(), run.model(idx), atol=ATOL, rtol=0)
+        if model.get("qk_norm"):  # padded rows: the bidirectional mask reaches the replaced attention
+            mask = torch.ones_like(idx)
+            mask[1, 25:] = 0
+            padded = hf(idx, attention_mask=mask).logits.float()
+            torch.testing.assert_close(padded[1, :25], run.model(idx[1:, :25])[0], atol=ATOL, rtol=0)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok(TEXTS[0], add_special_tokens=False)["input_ids"] == run.tokenizer.encode(TEXTS[0])
     assert (tok.mask_token_id, tok.pad_token_id, tok.cls_token_id) == (run.tokenizer.mask_id, run.tokenizer.pad_id, run.tokenizer.cls_id)
@@ -168,10 +184,12 @@ def _task_logits(model_dir, texts, task):
         ("masked", "classify", "lora", "cls.csv", "EuroBertForSequenceClassification"),
         ("masked", "tag", "full", "pos.txt", "EuroBertForTokenClassification"),
         ("masked", "regress", "full", "reg.jsonl", "EuroBertForSequenceClassification"),
+        ("masked-qk-norm", "classify", "lora", "cls.csv", "EuroBertQKNormForSequenceClassification"),
+        ("masked-qk-norm", "tag", "full", "pos.txt", "EuroBertQKNormForTokenClassification"),
     ],
 )
 def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, data, objective, task, method, file, arch):
-    base = make_run(tmp_path / "run", objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
+    base = make_base(tmp_path / "run", objective)
     fmt = ["--format", "tagged"] if file.endswith(".txt") else []
     ft = _finetune(base, tmp_path / "ft", data / file, "--task", task, "--method", method, *fmt)
     hf, ours, theirs, idx, mask, space = export_task_logits(ft, tmp_path / "hf", task)
@@ -186,13 +204,20 @@ def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, dat
         assert tok(TEXTS[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
 
 
+def make_base(path, objective):
+    """A run to fine-tune: 'causal' (Llama), 'masked' (EuroBERT), 'masked-qk-norm' (the planner's masked default)."""
+    if objective == "masked-qk-norm":
+        return make_run(path, objective="masked", qk_norm=True)
+    return make_run(path, objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
+
+
 def export_task_logits(ft: Path, out: Path, task: str):
     """Export a fine-tuned directory as a Hugging Face directory, load it with its task's Auto class, and
     return (model, budgetlm logits, its logits, ids, mask, label space), the two logits comparable:
     regression in the target's units (budgetlm's head predicts it standardised), tags at real tokens."""
     assert main(["export", str(ft), "--format", "hf", "--out", str(out)]) == 0
     auto = transformers.AutoModelForTokenClassification if task == "tag" else transformers.AutoModelForSequenceClassification
-    hf = auto.from_pretrained(out).eval()
+    hf = auto.from_pretrained(out, trust_remote_code=True).eval()
     texts = ["the dog sat on a mat", "a cat sat"] if task == "tag" else TEXTS
     ours, idx, mask, space = _task_logits(ft, texts, task)
     with torch.no_grad():
@@ -213,16 +238,16 @@ def test_causal_regression_head_is_refused(tmp_path, data, capsys):
 
 @pytest.mark.parametrize(
     "objective, head",
-    [("causal", ["score"]), ("masked", ["classifier", "dense"])],  # EuroBERT's sequence head: dense then classifier
+    [("causal", ["score"]), ("masked-qk-norm", ["classifier", "dense"])],  # EuroBERT's sequence head: dense then classifier
 )
 def test_lora_finetune_exports_unmerged_as_peft_adapter(tmp_path, data, objective, head):
-    base = make_run(tmp_path / "run", objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
+    base = make_base(tmp_path / "run", objective)
     ft = randomize_lora_b(_finetune(base, tmp_path / "ft", data / "cls.csv", "--method", "lora", "--lora-targets", "wq,wv,w2"))
     assert main(["export", str(ft), "--format", "hf", "--peft", "--out", str(tmp_path / "peft")]) == 0
     adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"] and adapter["modules_to_save"] == head
-    labels = transformers.AutoConfig.from_pretrained(tmp_path / "peft")
-    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base", config=labels)
+    labels = transformers.AutoConfig.from_pretrained(tmp_path / "peft", trust_remote_code=True)
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base", config=labels, trust_remote_code=True)
     hf = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
     ours, idx, mask, _ = _task_logits(ft, TEXTS, "classify")
     with torch.no_grad():

@@ -102,7 +102,6 @@ def test_a_pretrained_modernbert_layout_run_exports(prepared_wordpiece, tmp_path
         ({**MODERNBERT, "mlm_head": False}, "model.mlm_head=False"),
         ({**MODERNBERT, "qk_norm": True}, "model.qk_norm=True"),
         ({**MODERNBERT, "n_kv_head": 2}, "model.n_kv_head=2"),
-        ({"objective": "masked", "qk_norm": True, "mlp": "geglu"}, "model.qk_norm=True"),  # the masked defaults: RMSNorm + QK-norm
     ],
 )
 def test_layouts_modernbert_does_not_have_are_refused_with_one_line(tmp_path, capsys, model, option):

@@ -1,8 +1,9 @@
 """`budgetlm export`: a run or a fine-tuned directory in the formats other tools load.
 
     hf    a transformers directory (`budgetlm.export.hf`): causal runs -> LlamaForCausalLM (Qwen3 with
-          QK-norm), masked runs -> EuroBertForMaskedLM (RMSNorm) or ModernBertForMaskedLM (LayerNorm in
-          ModernBERT's layout, `budgetlm.export.modernbert`), fine-tuned classifiers -> ...ForSequence/
+          QK-norm), masked runs -> EuroBertForMaskedLM (RMSNorm; with QK-norm, EuroBertQKNormForMaskedLM
+          from a modeling file written into the directory, `budgetlm.export.modeling_eurobert_qk_norm`) or
+          ModernBertForMaskedLM (LayerNorm in ModernBERT's layout, `budgetlm.export.modernbert`), fine-tuned classifiers -> ...ForSequence/
           TokenClassification; `--peft` writes a LoRA fine-tune unmerged as a PEFT adapter
     gguf  one llama.cpp file (`budgetlm.export.gguf`), f32 / f16 / q8_0
 

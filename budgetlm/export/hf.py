@@ -4,15 +4,18 @@ Which family takes a budgetlm model is decided by its options, never approximate
 
     causal, RMSNorm, gated MLP (SwiGLU or GEGLU)         -> LlamaForCausalLM
       ... with QK-norm                                   -> Qwen3ForCausalLM (RMSNorm on q/k per head, before rotary)
-    masked, RMSNorm, gated MLP, no QK-norm               -> EuroBertForMaskedLM (Llama's blocks without the causal mask)
+    masked, RMSNorm, gated MLP                           -> EuroBertForMaskedLM (Llama's blocks without the causal mask)
+      ... with QK-norm                                   -> EuroBertQKNormForMaskedLM: EuroBERT plus Qwen3's QK-norm, in
+                                                            a modeling file written into the directory (no masked-LM
+                                                            family has QK-norm); load with trust_remote_code=True
     masked, LayerNorm, embedding norm, no first-block    -> ModernBertForMaskedLM (`budgetlm.export.modernbert`)
       attention norm, prediction head, gated MLP
 
 Everything else is refused with one line naming the option: LayerNorm outside ModernBERT's layout
 (no Llama-layout family has it), plain GELU / squared-ReLU MLPs (the families' MLPs are gated), an
-embedding norm outside ModernBERT's layout, QK-norm on a masked model (neither EuroBERT nor ModernBERT
-has it), and the logit soft-cap (only Gemma 2 has one, and its blocks differ). The weights are a
-rename (`budgetlm.hf_names`): the rotary layout is already Hugging Face's "rotate-half".
+embedding norm outside ModernBERT's layout, QK-norm in ModernBERT's layout, and the logit soft-cap
+(only Gemma 2 has one, and its blocks differ). The weights are a rename (`budgetlm.hf_names`): the
+rotary layout is already Hugging Face's "rotate-half".
 
 Fine-tuned directories become the family's `...ForSequenceClassification` (classify, pair,
 regress) or `...ForTokenClassification` (tag) with id2label/label2id, LoRA merged; with
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,13 +71,16 @@ def hf_family(cfg: ModelConfig) -> str:
         if bad:
             raise UserError(f"cannot export to Hugging Face: model.{option}={getattr(cfg, option)!r} ({why})")
     if cfg.objective == "masked":
-        if cfg.qk_norm:
-            raise UserError(
-                "cannot export to Hugging Face: model.qk_norm=True on a masked model (neither EuroBERT nor ModernBERT has QK-norm; "
-                "pretrain with --set model.qk_norm=false)"
-            )
         return "eurobert"
     return "qwen3" if cfg.qk_norm else "llama"
+
+
+def hf_class_prefix(cfg: ModelConfig) -> str:
+    """The family's class names start with this: `{prefix}ForMaskedLM`, `{prefix}ForSequenceClassification`, ..."""
+    family = hf_family(cfg)
+    if family == "eurobert" and cfg.qk_norm:
+        return "EuroBertQKNorm"
+    return {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert", "modernbert": "ModernBert"}[family]
 
 
 def hf_config(cfg: ModelConfig, tokenizer, **extra):
@@ -94,10 +101,25 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
         config = transformers.LlamaConfig(**kwargs, mlp_bias=False, **extra)
     elif family == "qwen3":
         config = transformers.Qwen3Config(**kwargs, use_sliding_window=False, **extra)
+    elif cfg.qk_norm:
+        from budgetlm.export import modeling_eurobert_qk_norm as remote
+
+        config = remote.EuroBertQKNormConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
+        module = Path(remote.__file__).stem
+        config.auto_map = {auto: f"{module}.{name}" for auto, name in remote.AUTO_MAP.items()}
     else:
         config = transformers.EuroBertConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
     config.dtype = "float32"
     return config
+
+
+def save_config(config, out: Path) -> None:
+    """config.json, and the modeling file its `auto_map` names, if any: the directory must load on its own."""
+    config.save_pretrained(str(out))
+    if getattr(config, "auto_map", None):
+        from budgetlm.export import modeling_eurobert_qk_norm as remote
+
+        shutil.copyfile(remote.__file__, out / Path(remote.__file__).name)
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -166,8 +188,7 @@ def export_run(run, out: Path) -> dict:
     from transformers import GenerationConfig
 
     cfg = run.config.model
-    family = hf_family(cfg)
-    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "eurobert": "EuroBertForMaskedLM"}.get(family, "ModernBertForMaskedLM")
+    arch = hf_class_prefix(cfg) + ("ForCausalLM" if cfg.objective == "causal" else "ForMaskedLM")
     config = hf_config(cfg, run.tokenizer, architectures=[arch])
     _save(out, config, body_state_dict(run.model))
     write_tokenizer(run.tokenizer, out, cfg.seq_len)
@@ -194,7 +215,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _save(out: Path, config, state: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
+    save_config(config, out)
     save_safetensors(state, out / WEIGHTS_FILE)
 
 
@@ -220,7 +241,7 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
     cfg = body.cfg
     family = hf_family(cfg)
     task = meta["task"]
-    config_extra, head, arch = _head(model, family, task, space, meta)
+    config_extra, head, arch = _head(model, hf_class_prefix(cfg), family, task, space, meta)
     config = hf_config(cfg, tokenizer, architectures=[arch], **config_extra)
     template = None if task == "tag" else ("causal-cls" if cfg.objective == "causal" else "masked-cls")
     if peft:
@@ -231,9 +252,8 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
     return {"format": "hf", "architecture": arch, "task": task, "method": meta["method"], "out": str(out)}
 
 
-def _head(model, family: str, task: str, space, meta: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
+def _head(model, prefix: str, family: str, task: str, space, meta: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(config additions, head weights under HF names, architecture) of a task model."""
-    prefix = {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert", "modernbert": "ModernBert"}[family]
     W = model.head.weight.detach().float()
     b = model.head.bias.detach().float() if model.head.bias is not None else None
     if task == "regress":
@@ -309,7 +329,7 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     base_run = load_run(Path(meta["base"]["run"]))
     export_run(base_run, base_out)
     # the classification config (labels, pooling, pad id) goes with the adapter: the base is a plain LM
-    config.save_pretrained(str(out))
+    save_config(config, out)
     opts = meta["method_options"]
     targets = sorted({LORA_TARGETS[t] for t in opts["lora_targets"]})
     state, patterns = {}, {}
