@@ -220,10 +220,18 @@ def header(meta: dict) -> str:
         f"Run: {', '.join(meta['teacher'])}; training {', '.join(meta['train'])}. Student: {', '.join(meta['student'])}. "
         f"Pruned shape: {', '.join(meta['pruned_shape'])}. Bits per byte on 65,536 held-out tokens, greedy generation of "
         f"{NEW_TOKENS} tokens after a {PROMPT}-token prompt, weights file size.\n\n"
-        + (f"Suite score: the mean of sentiment accuracy and POS token accuracy from `budgetlm suite` on a fixed small subset "
-           f"(not the full suite, which takes most of an hour per model here): {meta['suite']}; the test examples are the same for "
-           "every model. Majority-class baselines on these test sets: "
-           f"sentiment {meta['suite_majority']['sentiment']:.3f}, POS {meta['suite_majority']['pos']:.3f}.\n\n" if meta.get("suite") else "")
+        + (_suite_text(meta) if meta.get("suite") else "")
+    )
+
+
+def _suite_text(meta: dict) -> str:
+    s, majority = meta["suite"], meta["suite_majority"]
+    return (
+        "Suite score: the mean of sentiment accuracy and POS token accuracy from `budgetlm suite` on a fixed small subset "
+        f"(not the full suite, which takes most of an hour per model here): {s['seeds']} seeds, --method {s['method']}, "
+        f"budget {s['budget']} per fine-tune, {s['max_train']:,} training and {s['max_test']:,} test examples per task, "
+        "the same test examples for every model. Majority-class baselines on these test sets: "
+        f"sentiment {majority['sentiment']:.3f}, POS {majority['pos']:.3f}.\n\n"
     )
 
 
