@@ -99,3 +99,34 @@ def test_what_llama_cpp_llama_cannot_run_is_refused(tmp_path, model, match):
         export(src, tmp_path / "out", fmt="gguf")
     with pytest.raises(UserError, match="--dtype applies to --format gguf"):
         export(src, tmp_path / "out", fmt="hf", dtype="q8_0")
+
+
+@pytest.mark.parametrize(
+    "dtype, model, atol",
+    [
+        ("f32", {"tie_embeddings": False, "n_kv_head": 2}, 1e-5),  # llama: q/k rows permuted, grouped-query attention
+        ("f32", {"qk_norm": True}, 1e-5),  # qwen3: QK-norm, halves rotated
+        # 8-bit weights, and llama.cpp's q8_0 matmul quantizes the activations to 8 bits too: measured 0.096 at
+        # logits up to 3.6, where a wrong layout is off by the logits' own size
+        ("q8_0", {}, 0.25),
+    ],
+)
+def test_llama_cpp_runs_the_file_with_budgetlm_tokens_and_logits(tmp_path, dtype, model, atol):
+    """llama.cpp itself (through llama-cpp-python, an optional install: it compiles llama.cpp) loads the
+    exported file, tokenizes as budgetlm does and computes budgetlm's logits at every position."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src = make_run(tmp_path / "run", **model)
+    export(src, tmp_path / "m.gguf", fmt="gguf", dtype=dtype)
+    run = load_run(src)
+    f32 = 0  # GGML_TYPE_F32 for the key/value cache (llama.cpp's default f16 cache rounds keys and values)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, type_k=f32, type_v=f32, verbose=False)
+    for text in ["the film was good and the plot was fun", "Ünïcödé and  spaces\n\ttabs, don't 1234!"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == run.tokenizer.encode(text)
+    ids = run.tokenizer.encode("the film was good and the plot was fun, a dog sat on the mat")
+    llm.reset()
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0]
+    V = run.model.vocab_size  # the padded rows are not tokens
+    torch.testing.assert_close(theirs[:, :V], ours[:, :V], atol=atol, rtol=0)
