@@ -55,6 +55,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+from budgetlm.hardware import cpu_name  # noqa: E402
+
 WORK = BENCH / "work"
 RESULTS = BENCH / "results" / "quality_runs.jsonl"
 REPORT = BENCH / "results" / "quality.md"
@@ -65,7 +67,8 @@ SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.025
 HELDOUT_MIN_BYTES = 250_000
 OVERRUN_OK = 0.05
-DEVICE_NOTE = "1 thread, core 0 of a 2-core AMD EPYC (shared machine; timed runs serialized by flock)"
+# where the timed runs ran; recorded with each run, and the report groups runs by it (quality compares on one machine only)
+DEVICE_NOTE = f"1 thread, core 0 of a {os.cpu_count()}-core {' '.join(cpu_name().split())} (shared machine; timed runs serialized by flock)"
 
 HF_DEFAULTS = dict(
     n_layer=2, n_embd=128, n_head=2, vocab=2048, batch_tokens=2048, seq_len=128, lr=4e-3,
@@ -528,7 +531,7 @@ def report(results: Path = RESULTS, out: Path = REPORT) -> str:
         "of the corpus cut into documents by budgetlm's reader (`python bench/quality.py split`); both systems train",
         "only on the rest. HF budget = wall time of `trainer.train()`; budgetlm budget = `pretrain --budget` (its clock).",
         "",
-        f"Device: {DEVICE_NOTE}. Every timed run ran alone on core 0 with `OMP_NUM_THREADS=1` and",
+        f"Device: {'; '.join(sorted({r['threads'] for r in rows})) or DEVICE_NOTE}. Every timed run ran alone on core 0 with `OMP_NUM_THREADS=1` and",
         "`torch.set_num_threads(1)` under `flock /tmp/budgetlm-core0.lock`; a second engineer's untimed work may have",
         "run on core 1 meanwhile (shared L3 and memory bandwidth), so step rates vary by a few per cent between runs.",
         "",
@@ -536,7 +539,7 @@ def report(results: Path = RESULTS, out: Path = REPORT) -> str:
     if rows:
         v = rows[-1]["versions"]
         lines += [f"Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, tokenizers {v['tokenizers']}.", ""]
-    notes = BENCH / "results" / "quality_notes.md"  # hand-written findings, kept next to the generated tables
+    notes = out.with_name(out.stem + "_notes.md")  # hand-written findings, kept next to the generated tables
     if notes.exists():
         lines += [notes.read_text(encoding="utf-8").strip(), ""]
     groups = sorted({(r["budget_s"], r["corpus"]) for r in rows})
@@ -634,6 +637,7 @@ def main(argv=None) -> int:
     s.add_argument("--results", default=str(RESULTS))
     s = sub.add_parser("report")
     s.add_argument("--results", default=str(RESULTS))
+    s.add_argument("--out", default=str(REPORT), help="the report (Markdown); hand-written notes are read from OUT_notes.md")
     a = p.parse_args(argv)
     if a.cmd == "split":
         print(split(a.corpus))
@@ -651,7 +655,7 @@ def main(argv=None) -> int:
     elif a.cmd == "queue":
         queue(Path(a.file), not a.no_pin, Path(a.results))
     elif a.cmd == "report":
-        print(report(Path(a.results)))
+        print(report(Path(a.results), Path(a.out)))
     return 0
 
 
