@@ -106,7 +106,7 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
 )
 def test_masked_run_exports_as_eurobert(tmp_path, model, arch):
     src = make_run(tmp_path / "run", objective="masked", **model)
-    export(src, tmp_path / "hf")
+    assert export(src, tmp_path / "hf").get("trust_remote_code", False) == bool(model.get("qk_norm"))
     run = load_run(src)
     if model.get("qk_norm"):  # the modeling file is code: transformers runs it only when told to
         with pytest.raises(ValueError, match="trust_remote_code"):

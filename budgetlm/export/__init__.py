@@ -73,6 +73,8 @@ def export_command(args) -> int:
         print(json.dumps(summary))
     else:
         print(f"exported {args.source} as {summary['architecture']} -> {summary['out']}")
+        if summary.get("trust_remote_code"):
+            print("  load with trust_remote_code=True: no transformers masked-LM family has QK-norm, so its modeling file is in the directory")
     return 0
 
 

@@ -113,13 +113,18 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
     return config
 
 
-def save_config(config, out: Path) -> None:
+def save_hf_config(config, out: Path) -> None:
     """config.json, and the modeling file its `auto_map` names, if any: the directory must load on its own."""
     config.save_pretrained(str(out))
     if getattr(config, "auto_map", None):
         from budgetlm.export import modeling_eurobert_qk_norm as remote
 
         shutil.copyfile(remote.__file__, out / Path(remote.__file__).name)
+
+
+def _remote_code(config) -> dict:
+    """The summary's note that the directory's own modeling file must be trusted to load it."""
+    return {"trust_remote_code": True} if getattr(config, "auto_map", None) else {}
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -198,7 +203,7 @@ def export_run(run, out: Path) -> dict:
         padded = list(range(run.model.vocab_size, run.model.padded_vocab_size))
         gen = GenerationConfig(**ids, suppress_tokens=padded or None)
         gen.save_pretrained(str(out))
-    return {"format": "hf", "architecture": arch, "out": str(out)}
+    return {"format": "hf", "architecture": arch, "out": str(out), **_remote_code(config)}
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -215,7 +220,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _save(out: Path, config, state: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
+    save_hf_config(config, out)
     save_safetensors(state, out / WEIGHTS_FILE)
 
 
@@ -249,7 +254,7 @@ def export_finetuned(model_dir: Path, out: Path, peft: bool = False) -> dict:
     state = {k: v for k, v in body_state_dict(body).items() if k not in ("lm_head.weight", "decoder.weight")}
     _save(out, config, {**state, **head})
     write_tokenizer(tokenizer, out, cfg.seq_len, template)
-    return {"format": "hf", "architecture": arch, "task": task, "method": meta["method"], "out": str(out)}
+    return {"format": "hf", "architecture": arch, "task": task, "method": meta["method"], "out": str(out), **_remote_code(config)}
 
 
 def _head(model, prefix: str, family: str, task: str, space, meta: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
@@ -329,7 +334,7 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     base_run = load_run(Path(meta["base"]["run"]))
     export_run(base_run, base_out)
     # the classification config (labels, pooling, pad id) goes with the adapter: the base is a plain LM
-    save_config(config, out)
+    save_hf_config(config, out)
     opts = meta["method_options"]
     targets = sorted({LORA_TARGETS[t] for t in opts["lora_targets"]})
     state, patterns = {}, {}
@@ -374,4 +379,4 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     write_json(out / "adapter_config.json", adapter_config)
     save_safetensors(state, out / "adapter_model.safetensors")
     write_tokenizer(tokenizer, out, model.body.cfg.seq_len, template)
-    return {"format": "hf-peft", "architecture": arch, "task": meta["task"], "base": str(base_out), "out": str(out)}
+    return {"format": "hf-peft", "architecture": arch, "task": meta["task"], "base": str(base_out), "out": str(out), **_remote_code(config)}
