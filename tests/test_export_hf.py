@@ -121,7 +121,7 @@ def test_masked_run_exports_as_eurobert(tmp_path, model, arch):
             mask[1, 25:] = 0
             padded = hf(idx, attention_mask=mask).logits.float()
             torch.testing.assert_close(padded[1, :25], run.model(idx[1:, :25])[0], atol=ATOL, rtol=0)
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)  # it reads config.json first
     assert tok(TEXTS[0], add_special_tokens=False)["input_ids"] == run.tokenizer.encode(TEXTS[0])
     assert (tok.mask_token_id, tok.pad_token_id, tok.cls_token_id) == (run.tokenizer.mask_id, run.tokenizer.pad_id, run.tokenizer.cls_id)
 

@@ -74,7 +74,10 @@ def export_command(args) -> int:
     else:
         print(f"exported {args.source} as {summary['architecture']} -> {summary['out']}")
         if summary.get("trust_remote_code"):
-            print("  load with trust_remote_code=True: no transformers masked-LM family has QK-norm, so its modeling file is in the directory")
+            print(
+                "  load it (and its tokenizer) with trust_remote_code=True: no transformers masked-LM family has QK-norm, "
+                "so its modeling file is in the directory"
+            )
     return 0
 
 
