@@ -101,12 +101,14 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     [
         ({"mlp": "geglu", "tie_embeddings": False}, "EuroBertForMaskedLM"),
         # the planner's masked default; no masked-LM family has QK-norm, so the directory carries EuroBERT plus it
-        ({"qk_norm": True, "tie_embeddings": False}, "EuroBertQKNormForMaskedLM"),
+        ({"qk_norm": True, "tie_embeddings": False, "n_kv_head": 2}, "EuroBertQKNormForMaskedLM"),
     ],
 )
 def test_masked_run_exports_as_eurobert(tmp_path, model, arch):
     src = make_run(tmp_path / "run", objective="masked", **model)
     assert export(src, tmp_path / "hf").get("trust_remote_code", False) == bool(model.get("qk_norm"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert ("auto_map" in config) == (tmp_path / "hf" / "modeling_eurobert_qk_norm.py").exists() == bool(model.get("qk_norm"))
     run = load_run(src)
     if model.get("qk_norm"):  # the modeling file is code: transformers runs it only when told to
         with pytest.raises(ValueError, match="trust_remote_code"):
@@ -200,7 +202,7 @@ def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, dat
         assert hf.config.id2label == dict(enumerate(space.labels))
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     if task != "tag":  # the exported tokenizer encodes examples as fine-tuning did: the first text's ids are row 0
-        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
         assert tok(TEXTS[0])["input_ids"] == idx[0, : int(mask[0].sum())].tolist()
 
 
@@ -238,7 +240,7 @@ def test_causal_regression_head_is_refused(tmp_path, data, capsys):
 
 @pytest.mark.parametrize(
     "objective, head",
-    [("causal", ["score"]), ("masked-qk-norm", ["classifier", "dense"])],  # EuroBERT's sequence head: dense then classifier
+    [("causal", ["score"]), ("masked", ["classifier", "dense"]), ("masked-qk-norm", ["classifier", "dense"])],  # EuroBERT: dense, classifier
 )
 def test_lora_finetune_exports_unmerged_as_peft_adapter(tmp_path, data, objective, head):
     base = make_base(tmp_path / "run", objective)

@@ -326,8 +326,9 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
     """out/adapter_config.json + out/adapter_model.safetensors (LoRA A/B under HF names, the head as
     modules_to_save), tokenizer, and out/base: the base run exported as a plain LM directory.
 
-    Load with `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out/'base',
-    num_labels=...), out)`, or `AutoPeftModelFor...` which finds the base through the adapter config."""
+    Load with `config = AutoConfig.from_pretrained(out)` (labels, pooling, pad id), then
+    `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out/'base', config=config), out)`;
+    add `trust_remote_code=True` to both `from_pretrained` calls of a masked QK-norm model (its modeling file)."""
     from budgetlm.run import load_run
 
     base_out = out / "base"

@@ -53,6 +53,7 @@ class EuroBertQKNormModel(eurobert.EuroBertModel):
     def __init__(self, config: EuroBertQKNormConfig):
         super().__init__(config)
         _with_qk_norm(self.layers, config)
+        self.post_init()  # initialise the replaced attention as EuroBERT does (from_config; from_pretrained loads every weight)
 
 
 class EuroBertQKNormForMaskedLM(eurobert.EuroBertForMaskedLM):
@@ -61,6 +62,7 @@ class EuroBertQKNormForMaskedLM(eurobert.EuroBertForMaskedLM):
     def __init__(self, config: EuroBertQKNormConfig):
         super().__init__(config)
         _with_qk_norm(self.model.layers, config)
+        self.post_init()
 
 
 class EuroBertQKNormForSequenceClassification(eurobert.EuroBertForSequenceClassification):
@@ -69,6 +71,7 @@ class EuroBertQKNormForSequenceClassification(eurobert.EuroBertForSequenceClassi
     def __init__(self, config: EuroBertQKNormConfig):
         super().__init__(config)
         _with_qk_norm(self.model.layers, config)
+        self.post_init()
 
 
 class EuroBertQKNormForTokenClassification(eurobert.EuroBertForTokenClassification):
@@ -77,6 +80,7 @@ class EuroBertQKNormForTokenClassification(eurobert.EuroBertForTokenClassificati
     def __init__(self, config: EuroBertQKNormConfig):
         super().__init__(config)
         _with_qk_norm(self.model.layers, config)
+        self.post_init()
 
 
 AUTO_MAP = {
