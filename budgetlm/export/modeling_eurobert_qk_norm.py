@@ -11,7 +11,6 @@ attention is EuroBERT's own code, imported from the installed `transformers`.
 
 This file must import nothing but torch and transformers: it is copied into exported directories."""
 
-from torch import nn
 from transformers import EuroBertConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.eurobert import modeling_eurobert as eurobert
@@ -42,45 +41,33 @@ class EuroBertQKNormAttention(eurobert.EuroBertAttention):
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
-def _with_qk_norm(layers: nn.ModuleList, config: EuroBertQKNormConfig) -> None:
-    for i, layer in enumerate(layers):
-        layer.self_attn = EuroBertQKNormAttention(config, i)
+class _WithQKNorm:
+    """Builds the EuroBERT class it is mixed into, then swaps each block's attention for the QK-norm one."""
 
-
-class EuroBertQKNormModel(eurobert.EuroBertModel):
     config_class = EuroBertQKNormConfig
 
     def __init__(self, config: EuroBertQKNormConfig):
         super().__init__(config)
-        _with_qk_norm(self.layers, config)
+        body = getattr(self, "model", self)  # the task classes hold the EuroBertModel as `model`
+        for i, layer in enumerate(body.layers):
+            layer.self_attn = EuroBertQKNormAttention(config, i)
         self.post_init()  # initialise the replaced attention as EuroBERT does (from_config; from_pretrained loads every weight)
 
 
-class EuroBertQKNormForMaskedLM(eurobert.EuroBertForMaskedLM):
-    config_class = EuroBertQKNormConfig
-
-    def __init__(self, config: EuroBertQKNormConfig):
-        super().__init__(config)
-        _with_qk_norm(self.model.layers, config)
-        self.post_init()
+class EuroBertQKNormModel(_WithQKNorm, eurobert.EuroBertModel):
+    pass
 
 
-class EuroBertQKNormForSequenceClassification(eurobert.EuroBertForSequenceClassification):
-    config_class = EuroBertQKNormConfig
-
-    def __init__(self, config: EuroBertQKNormConfig):
-        super().__init__(config)
-        _with_qk_norm(self.model.layers, config)
-        self.post_init()
+class EuroBertQKNormForMaskedLM(_WithQKNorm, eurobert.EuroBertForMaskedLM):
+    pass
 
 
-class EuroBertQKNormForTokenClassification(eurobert.EuroBertForTokenClassification):
-    config_class = EuroBertQKNormConfig
+class EuroBertQKNormForSequenceClassification(_WithQKNorm, eurobert.EuroBertForSequenceClassification):
+    pass
 
-    def __init__(self, config: EuroBertQKNormConfig):
-        super().__init__(config)
-        _with_qk_norm(self.model.layers, config)
-        self.post_init()
+
+class EuroBertQKNormForTokenClassification(_WithQKNorm, eurobert.EuroBertForTokenClassification):
+    pass
 
 
 AUTO_MAP = {
