@@ -6,6 +6,8 @@
 #
 # Sections (each has its own time limit, log and status; one failing does not lose the others):
 #   env       device, driver, torch / CUDA / cuDNN / transformers versions, git commit
+#   tests     the test suite's GPU-only tests (pytest -m gpu): int4 and int8 weights and 2:4 sparsity
+#             compressed on the GPU, saved, reloaded and run
 #   sdpa      scaled_dot_product_attention at the gpt-124m-1gpu shapes: does the flash kernel run,
 #             its time against the memory-efficient and math kernels, and does budgetlm's
 #             attention call reach flash (run with only the flash backend allowed)
@@ -15,6 +17,10 @@
 #   memory    bench/plan_memory.py --device cuda: torch.cuda.max_memory_allocated of real training
 #             steps against budgetlm/memory.py's estimate (target: within 15%)
 #   fp16      the same in fp16 autocast with a GradScaler, budgetlm only, eager and compiled
+#   pretrain  the budget-derived defaults end to end on this GPU: `budgetlm plan --device cuda` at 60 s
+#             and 24 h, then `budgetlm pretrain --budget 60s` with no recipe and no model keys on
+#             $DATA (a prepared data directory; default runs/demo/data, from `make demo`) and `eval`:
+#             what the plan chose, and the tokens it trained against the plan's prediction
 #   hf_compile HF LlamaForCausalLM torch.compile'd, same sizes (the fair opponent of budgetlm compiled)
 #   summary   summary.md: the numbers above against their targets
 #
@@ -45,13 +51,16 @@ if [ "$SMOKE" = 1 ]; then
   COMPILE_FP16=""  # compiling on a CPU takes minutes: fp16 runs eager only
   MEMORY_ARGS="--smoke --steps 2"
   TOTAL=${TOTAL:-900}  # one slow CPU core compiles slowly
+  PRETRAIN_BUDGET=10s
 else
   OUT=${OUT:-$ROOT/bench/results/gpu}
   DEVICE=cuda CONFIG=gpt2-124m BATCH=16 STEPS="--warmup 3 --steps 5 --repeats 3"
   COMPILE_FP16="--compile"
   MEMORY_ARGS="--configs gpt2-124m-bf16-b8,gpt2-124m-bf16-b8-ckpt,gpt2-124m-fp16-b8,gpt2-124m-fp32-b4,bert-24h-bf16-b128,30m-bf16-b4-s512"
   TOTAL=${TOTAL:-530}  # seconds for everything: under 9 minutes
+  PRETRAIN_BUDGET=60s
 fi
+export PYTHON DEVICE
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
@@ -141,7 +150,7 @@ model = Transformer.build(cfg, device)
 try:
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast(device.type, dtype=dtype):
         x = torch.randint(0, 256, (B, T), device=device)
-        model(x, x).backward()
+        model(x[:, :-1], targets=x[:, 1:], loss=True).backward()
     res["budgetlm_attention_uses_flash"] = True
 except Exception as exc:
     res["budgetlm_attention_uses_flash"] = False
@@ -151,10 +160,24 @@ print(json.dumps(res, indent=2))
 sys.exit(0 if res["backends"]["flash"]["ok"] and res["budgetlm_attention_uses_flash"] else 1)
 EOF
 
+run_section tests 90 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_compress_gpu.py
+
 # most important first: a section that finds too little time left is cut short or skipped
 run_section bf16 170 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype bf16 --configs "$CONFIG" --batch "$BATCH" \
   --compile $STEPS --out "$OUT/train_speed_bf16"
 run_section memory 100 "$PYTHON" bench/plan_memory.py --device "$DEVICE" $MEMORY_ARGS --out "$OUT/plan_memory"
+DATA=${DATA:-$ROOT/runs/demo/data}
+if [ -f "$DATA/manifest.json" ]; then
+  run_section pretrain 130 bash -c '
+    set -e; out=$1 budget=$2 data=$3; run=$(mktemp -d)/run
+    timeout 40 "$PYTHON" -m budgetlm plan --device "$DEVICE" --budget 24h --json > "$out/plan_24h.json" || echo "plan 24h: failed or over 40 s"
+    "$PYTHON" -m budgetlm plan --device "$DEVICE" --budget "$budget" --data "$data" --json > "$out/plan_short.json"
+    "$PYTHON" -m budgetlm pretrain --data "$data" --out "$run" --budget "$budget"
+    "$PYTHON" -m budgetlm eval "$run"
+    cp "$run/report.md" "$out/pretrain_report.md"; cp "$run/plan.json" "$out/pretrain_plan.json"' _ "$OUT" "$PRETRAIN_BUDGET" "$DATA"
+else
+  printf 'pretrain\tskipped (no prepared data at %s: run make demo, or set DATA)\t0\t-\n' "$DATA" >> "$STATUS"
+fi
 run_section fp16 100 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype fp16 --configs "$CONFIG" --batch "$BATCH" \
   $COMPILE_FP16 --no-hf $STEPS --out "$OUT/train_speed_fp16"
 run_section hf_compile 110 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype bf16 --configs "$CONFIG" --batch "$BATCH" \
@@ -177,6 +200,8 @@ if sdpa:
     times = ", ".join(f"{k} {v['fwd_bwd_ms']} ms" if v["ok"] else f"{k} failed" for k, v in b.items())
     lines.append(f"- SDPA {sdpa['shape']} bf16 causal, forward+backward: {times}; budgetlm's attention runs on flash: "
                  f"{sdpa.get('budgetlm_attention_uses_flash')}")
+tests = [ln for ln in open(os.path.join(out, "tests.log")).read().splitlines() if " in " in ln] if os.path.exists(os.path.join(out, "tests.log")) else []
+lines.append(f"- GPU-only tests (pytest -m gpu): {tests[-1].strip('= ') if tests else 'no result (see tests.log)'}")
 tps = {}
 for dt, log in (("bf16", "bf16"), ("fp16", "fp16"), ("bf16_hf_compile", "hf_compile")):
     r = load(f"train_speed_{dt}.json")
@@ -202,6 +227,17 @@ if m:
         lines.append(f"  - {row['config']}: measured {row['measured_tensor_peak'] / 2**20:.0f} MiB, estimate {row['estimate'] / 2**20:.0f} MiB ({row['error']:+.1%})")
 else:
     lines.append("- memory: no result (see memory.log)")
+plan, report = load("pretrain_plan.json"), os.path.join(out, "pretrain_report.md")
+if plan and os.path.exists(report):
+    cells = (ln.strip().strip("|").split("|") for ln in open(report) if ln.startswith("| "))
+    rows = {c[0].strip(): c[1].strip() for c in cells if len(c) == 2}
+    m = plan.get("model", {})
+    lines.append(f"- pretrain --budget with the defaults: {m.get('n_layer')} x {m.get('n_embd')}, vocabulary {plan.get('vocab_size')}, "
+                 f"{plan.get('params', 0) / 1e6:.1f}M parameters, predicted {plan.get('tokens_per_s', 0):,.0f} tokens/s; trained "
+                 f"{rows.get('tokens')} tokens in {rows.get('elapsed_s')} s, {rows.get('tokens_vs_plan')} of the plan's tokens; "
+                 f"val bits/byte {rows.get('val_bpb')}")
+else:
+    lines.append("- pretrain: no result (see pretrain.log)")
 lines += ["", "Sections:", "", "```", open(os.path.join(out, "sections.tsv")).read().rstrip(), "```"]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

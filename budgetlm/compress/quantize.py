@@ -66,7 +66,9 @@ def quant_config(method: str):
     if method == "int8-dyn":
         return Int8DynamicActivationInt8WeightConfig()
     if method == "int4":
-        return Int4WeightOnlyConfig(group_size=INT4_GROUP)
+        # tinygemm's layout, whose kernel (aten._weight_int4pack_mm) ships with PyTorch's CUDA build;
+        # torchao's default "plain" layout runs on a separate kernel package (mslk / fbgemm-gpu-genai)
+        return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
     raise UserError(f"unknown quantization method '{method}' (choose one of {', '.join(METHODS)})")
 
 
