@@ -56,3 +56,12 @@ def test_report_warns_when_evaluation_scored_fewer_tokens_than_asked(prepared_bp
     assert "warning: validation scored" in out and f"train.eval_tokens={4 * held_out:,}" in out
     report = (run / "report.md").read_text()
     assert "fewer than train.eval_tokens" in report and "val_split_tokens" in report
+
+
+def test_report_does_not_warn_when_the_split_holds_what_was_asked(prepared_bpe, tmp_path, capsys):
+    """Scoring whole windows falls short of a split of exactly train.eval_tokens by under one window."""
+    run = tmp_path / "run"
+    held_out = len(PreparedData(prepared_bpe).tokens("val"))
+    assert main(tiny_args(prepared_bpe, run, "steps:2", f"train.eval_tokens={held_out}")) == 0
+    assert "warning: validation scored" not in capsys.readouterr().out
+    assert "fewer than train.eval_tokens" not in (run / "report.md").read_text()
