@@ -103,12 +103,19 @@ class Clock:
     agrees on stopping with `all_reduce_max`, since ranks' clocks drift slightly).
     """
 
-    def __init__(self, budget: Budget, reserve: float = 0.0, time_fn: Callable[[], float] = time.monotonic, ema: float = 0.9):
+    def __init__(
+        self, budget: Budget, reserve: float = 0.0, time_fn: Callable[[], float] = time.monotonic, ema: float = 0.9, max_tokens: int = 0
+    ):
         if budget.kind not in KINDS:
             raise ValueError(f"unknown budget kind {budget.kind!r}")
         if not 0.0 <= reserve < 1.0:
             raise UserError(f"budget.reserve must be in [0, 1), got {reserve}")
+        if max_tokens < 0:
+            raise UserError(f"budget.max_tokens must be 0 (none) or positive, got {max_tokens}")
         self.budget = budget
+        # a wall-clock budget that also ends when the training text is used up (the plan's data limit):
+        # progress is the further along of the two, so the schedule ends at whichever comes first
+        self.max_tokens = max_tokens if budget.kind == "time" else 0
         # The reserve only applies to wall-clock budgets: token and step counts have no
         # final-evaluation cost to set aside.
         self.reserve = reserve if budget.kind == "time" else 0.0
@@ -220,9 +227,11 @@ class Clock:
             self.tail_seconds = min(max(0.0, float(seconds)), 0.5 * self.budget.limit)
 
     def progress(self, tokens: int = 0, steps: int = 0) -> float:
-        """Budget progress in [0, 1]: elapsed/usable time, tokens/limit or steps/limit."""
+        """Budget progress in [0, 1]: elapsed/usable time (or tokens/max_tokens, if further), tokens/limit or steps/limit."""
         if self.budget.kind == "time":
             value = self.elapsed() / self.usable_seconds
+            if self.max_tokens:
+                value = max(value, tokens / self.max_tokens)
         elif self.budget.kind == "tokens":
             value = tokens / self.budget.limit
         else:
@@ -233,12 +242,15 @@ class Clock:
         """True when no further optimizer step should start.
 
         Wall clock: when the next step, at the estimated step time, would end past the usable
-        budget (or it is already past). Tokens/steps: when the count has reached the limit.
+        budget (or it is already past), or `max_tokens` have been trained. Tokens/steps: when the
+        count has reached the limit.
         """
         if self.budget.kind == "tokens":
             return tokens >= self.budget.limit
         if self.budget.kind == "steps":
             return steps >= self.budget.limit
+        if self.max_tokens and tokens >= self.max_tokens:
+            return True
         predicted = self.elapsed() + (self.step_time or 0.0)
         return predicted > self.usable_seconds or self.elapsed() >= self.usable_seconds
 

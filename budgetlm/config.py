@@ -159,6 +159,10 @@ class TrainConfig:
 class BudgetConfig:
     limit: str = opt("300s", "wall-clock (24h, 90m, 300s), tokens:N or steps:N")
     reserve: float = opt(0.03, "fraction of a wall-clock budget kept for the final evaluation and save")
+    max_tokens: int = opt(
+        0, "a wall-clock run also ends after this many tokens, its schedule at whichever comes first (the plan sets it where the "
+        "training text supports fewer passes than the time buys); 0 = no such limit"
+    )
 
 
 @dataclass
@@ -218,7 +222,7 @@ class PlanConfig:
     device: str = opt("auto", "time candidates on this machine's CPU or GPU; auto = the GPU if there is one", ("auto", "cpu", "cuda"))
     gpu: str = opt("", "plan for a GPU that is not here (H100, A100, 4090, ...): speeds estimated from its peak")
     memory: str = opt("", "memory of one device (e.g. 24GB); empty = this GPU's, half this machine's RAM, or the GPU table's")
-    data: str = opt("", "prepared data directory: its vocabulary caps the model's")
+    data: str = opt("", "prepared data directory: its vocabulary caps the model's, its size the passes over it")
     params: str = opt("", "plan a model of about this size instead (e.g. 124M, 1.5e9)")
 
 

@@ -14,6 +14,13 @@ Every rule, with its source, lands in the run's report and in `budgetlm plan`:
 - loss(N, D) = E + A / N^alpha + B / D^beta with Chinchilla's constants (Hoffmann et al. 2022,
   approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; N counts every parameter,
   embeddings included, D tokens), which rank the depths the way this project measured them.
+- repeated data: where the training text is known, tokens beyond one pass over it and parameters
+  beyond its Chinchilla-optimal size count less, as Muennighoff et al. 2023 ("Scaling
+  Data-Constrained Language Models") fit (D and N replaced by their effective counts, decay
+  constants 15.4 and 5.3). A fast device and a small corpus otherwise choose a model that
+  memorises the text: on an H200 at 60 s on Shakespeare, 24.4M parameters for 14 passes.
+- compile: a GPU always compiles, on the clock (seconds and speed-up measured on an H200); a CPU
+  compiles where the speed-up pays for the compile time.
 - vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
   parameters grow as the non-vocabulary parameters to the power 0.83; with width growing as
   N_nv^(1/3) in this family that is V proportional to N_nv^0.5, anchored at this project's
@@ -53,6 +60,15 @@ MIN_SEQ, MAX_SEQ = 128, 2048
 # 0.348, 0.366) weighs data more and picks depth 1.
 LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock trades size for speed
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", eq. 5): a token seen again is worth
+# less, and so is a parameter beyond the data's compute-optimal size; each decays with its constant
+REPEAT_TOKENS_STAR, REPEAT_PARAMS_STAR = 15.4, 5.3
+# Past some number of passes over the training text held-out loss rises, the sooner the more parameters
+# per token of text. This project's runs on 0.7 MB of Shakespeare (bench/results/data_limited.md) bottomed
+# at 17.5 passes with 0.8 parameters per token, 4.1 with 4.6 and 2.4 with 15.4 (then 0.8 bits/byte worse at
+# 12.6 passes with 4.6): a least-squares power law through the three, PASSES_K x (tokens / parameters)^PASSES_EXP,
+# at most MAX_PASSES, where Muennighoff et al.'s repeated tokens are worth little (R* = 15.4).
+PASSES_K, PASSES_EXP, MAX_PASSES = 14.0, 0.68, 16.0
 # vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two
 VOCAB_ANCHOR, VOCAB_ANCHOR_NNV = 2048, 426_000
 MIN_VOCAB, MAX_VOCAB = 512, 65536
@@ -76,6 +92,11 @@ EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
 # 1.72x, 1.41x and 1.16x.) The compile runs on the clock, so it is chosen only where it buys
 # COMPILE_MIN_GAIN more tokens: from about 5 minutes at width 128, 10 minutes at 192.
 CPU_COMPILE_BASE_S, CPU_COMPILE_PER_LAYER_S = 33.0, 5.0
+# torch.compile on a GPU, always on: measured on an H200 (torch 2.11, bench/results/gpu/notes.md), the first
+# step came 17 s into a 60 s run of a 7-layer model and 22 s into timing a 12-layer one; the compiled
+# training loop then ran 1.55x the eager step the plan times (1.18M against 763K tokens/s at 24.4M).
+GPU_COMPILE_BASE_S, GPU_COMPILE_PER_LAYER_S = 10.0, 1.0
+GPU_COMPILE_SPEEDUP = 1.55
 COMPILE_MIN_GAIN = 1.15
 EVAL_TOKENS_SHORT = 32768  # held-out tokens per evaluation for runs of under 20M tokens
 
@@ -85,6 +106,27 @@ class Reason:
     key: str
     value: object
     rule: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The prepared training text, so the plan can count how often a candidate would repeat it."""
+
+    tokens: int  # training tokens at the prepared vocabulary
+    vocab_size: int
+
+    @classmethod
+    def of(cls, data) -> Corpus:
+        """From a `PreparedData` directory."""
+        return cls(len(data.tokens("train")), data.vocab_size)
+
+    def tokens_at(self, vocab_size: int) -> float:
+        """Training tokens at a vocabulary derived from the prepared one (a smaller one cuts the text
+        into more tokens). Bytes per token are taken to grow as ln V: on Shakespeare they are 2.72 at
+        2048 and 3.33 at 8192, where ln V predicts 2.81."""
+        if vocab_size >= self.vocab_size:
+            return float(self.tokens)
+        return self.tokens * math.log(self.vocab_size) / math.log(max(vocab_size, 2))
 
 
 @dataclass
@@ -118,6 +160,8 @@ class Plan:
     accumulation: int
     memory: dict = field(default_factory=dict)  # per device, bytes: {saver: {term: bytes}}
     device_memory: float = 0
+    data_tokens: float = 0  # the training text at the chosen vocabulary (0 = no data given)
+    data_limit: int = 0  # > 0: the text supports fewer tokens than the time buys; the run trains this many
     reasons: list[Reason] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
 
@@ -172,12 +216,34 @@ def lr_rule(compute: float, optimizer: str = "adamw") -> float:
     return float(f"{(MUON_LR_K if optimizer == 'muon' else LR_K) * compute**LR_EXP:.2g}")
 
 
-def predicted_loss(params: float, tokens: float) -> float:
+def effective(unique: float, total: float, star: float) -> float:
+    """Muennighoff et al.'s effective count: the first `unique` count fully, R = total / unique - 1
+    repetitions add unique x star x (1 - exp(-R / star)), at most star x unique however many."""
+    if unique <= 0 or total <= unique:
+        return total
+    return unique * (1 + star * (1 - math.exp(-(total / unique - 1) / star)))
+
+
+def max_passes(params: float, unique_tokens: float) -> float:
+    """The passes over `unique_tokens` of text after which a model of `params` stops gaining."""
+    return min(MAX_PASSES, PASSES_K * (unique_tokens / params) ** PASSES_EXP)
+
+
+def predicted_loss(params: float, tokens: float, unique_tokens: float = 0) -> float:
+    """Chinchilla's loss; with `unique_tokens` (the training text, when it is known) repeated tokens and
+    parameters beyond that text's Chinchilla-optimal size count as Muennighoff et al. 2023 find."""
+    if unique_tokens:
+        tokens = effective(unique_tokens, tokens, REPEAT_TOKENS_STAR)
+        params = effective(unique_tokens / CHINCHILLA_TOKENS_PER_PARAM, params, REPEAT_PARAMS_STAR)
     return LOSS_E + LOSS_A / params**LOSS_ALPHA + LOSS_B / max(tokens, 1.0) ** LOSS_BETA
 
 
 def cpu_compile_seconds(cfg: ModelConfig) -> float:
     return CPU_COMPILE_BASE_S + CPU_COMPILE_PER_LAYER_S * cfg.n_layer
+
+
+def gpu_compile_seconds(cfg: ModelConfig) -> float:
+    return GPU_COMPILE_BASE_S + GPU_COMPILE_PER_LAYER_S * cfg.n_layer
 
 
 def cpu_compile_speedup(cfg: ModelConfig) -> float:
@@ -219,6 +285,7 @@ class Planner:
         memory: float = 0,
         vocab_cap: int = 0,
         vocab_derivable: bool = True,
+        corpus: Corpus | None = None,
         world_size: int = 1,
         log=None,
     ):
@@ -228,6 +295,7 @@ class Planner:
         self.gpu_name = gpu_name
         self.vocab_cap = vocab_cap  # the prepared vocabulary: the largest a run can use (0 = unknown)
         self.vocab_derivable = vocab_derivable
+        self.corpus = corpus  # the training text, where known: repeating it is worth less
         self.log = log or (lambda msg: None)
         self.device_type = device.type if device is not None else "cuda"
         self.measured = device is not None
@@ -263,6 +331,10 @@ class Planner:
         cfg = ModelConfig(**{**shape(depth), **arch, **fixed})
         cfg.vocab_size = fixed.get("vocab_size") or self.vocab_for(non_embedding_params(dataclasses.replace(cfg, vocab_size=1)))
         return cfg
+
+    def unique_tokens(self, cfg: ModelConfig) -> float:
+        """The training text's tokens at `cfg`'s vocabulary; 0 where no data was given."""
+        return self.corpus.tokens_at(cfg.vocab_size) if self.corpus else 0.0
 
     def tokens_per_s(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> float:
         if not self.measured:
@@ -306,22 +378,29 @@ class Planner:
         return (bf16, "bf16", {"fp32": fp32, "bf16": bf16}) if bf16 > 1.05 * fp32 else (fp32, "fp32", {"fp32": fp32, "bf16": bf16})
 
     def compile_pays(self, cfg: ModelConfig, seconds: float, preference: str = "auto") -> bool:
-        """Whether to torch.compile on a CPU: asked for ("true"), or under "auto" where the compile
-        time, spent on the clock, buys at least COMPILE_MIN_GAIN more tokens (causal models only: the
-        masked objective's data-dependent shapes would recompile)."""
-        if self.device_type == "cuda" or preference == "false":
+        """Whether to torch.compile: asked for ("true"), always on a GPU unless told not to, and on a CPU
+        under "auto" where the compile time, spent on the clock, buys at least COMPILE_MIN_GAIN more
+        tokens (causal models only: the masked objective's data-dependent shapes would recompile)."""
+        if preference == "false":
             return False
-        if preference == "true":
+        if preference == "true" or self.device_type == "cuda":  # GPUs compile unless told not to
             return True
         if cfg.objective != "causal" or self.world_size > 1 or not have_cpp_compiler():
             return False  # measured for one process only
         return (seconds - cpu_compile_seconds(cfg)) * cpu_compile_speedup(cfg) >= COMPILE_MIN_GAIN * seconds
 
     def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool) -> float:
-        """Tokens trained in `seconds` at eager speed `tps`, compiled or not (on a CPU)."""
-        if compiled and self.device_type != "cuda":
-            return tps * cpu_compile_speedup(cfg) * max(0.0, seconds - cpu_compile_seconds(cfg))
-        return tps * seconds
+        """Tokens trained in `seconds` at eager speed `tps`, compiled or not; the compile runs on the clock."""
+        if not compiled:
+            return tps * seconds
+        compile_s = gpu_compile_seconds(cfg) if self.device_type == "cuda" else cpu_compile_seconds(cfg)
+        return tps * self.compile_speedup(cfg) * max(0.0, seconds - compile_s)
+
+    def compile_speedup(self, cfg: ModelConfig) -> float:
+        """Compiled over timed speed; a GPU's speed from its datasheet is already a compiled step's."""
+        if self.device_type == "cuda":
+            return GPU_COMPILE_SPEEDUP if self.measured else 1.0
+        return cpu_compile_speedup(cfg)
 
     def search(self, seconds: float, fixed: dict, arch: dict, precision: str, optimizer: str, compile_pref: str = "auto") -> list[Candidate]:
         """Candidates by increasing depth until the predicted loss has risen twice in a row."""
@@ -342,9 +421,16 @@ class Planner:
             n = total_params(cfg)
             compiled = self.compile_pays(cfg, seconds, compile_pref)
             tokens = self.tokens_in(cfg, tps, seconds, compiled)
-            c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens), compiled)
-            speed = f"{tps:,.0f} tokens/s" + (f" eager, x{cpu_compile_speedup(cfg):.2f} compiled" if compiled else "")
-            self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens, predicted loss {c.loss:.3f}")
+            unique = self.unique_tokens(cfg)
+            cap = max_passes(n, unique) * unique if unique else math.inf
+            capped = tokens > cap  # the run would end when the data is used up, before the deadline
+            if capped and compiled and compile_pref == "auto" and self.device_type != "cuda":  # compile only if it ends sooner
+                compiled = cpu_compile_seconds(cfg) + cap / (tps * self.compile_speedup(cfg)) < cap / tps
+            tokens = min(tokens, cap)
+            c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens, unique), compiled)
+            speed = f"{tps:,.0f} tokens/s" + (f" eager, x{self.compile_speedup(cfg):.2f} compiled" if compiled and self.measured else "")
+            passes = f" ({tokens / unique:.1f} passes over the data{', its limit' if capped else ''})" if unique else ""
+            self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens{passes}, predicted loss {c.loss:.3f}")
             best = min((x.loss for x in out), default=math.inf)
             rises = rises + 1 if c.loss > best else 0
             out.append(c)
@@ -416,7 +502,8 @@ def make_plan(
                 tokens = budget.limit * best_batch
             best_model = min(models, key=lambda m: abs(math.log(tokens / total_params(m) / CHINCHILLA_TOKENS_PER_PARAM)))
             n = total_params(best_model)
-            best = Candidate(best_model.n_layer, best_model, n, flops_per_token(best_model), 0.0, tokens, predicted_loss(n, tokens))
+            loss = predicted_loss(n, tokens, planner.unique_tokens(best_model))
+            best = Candidate(best_model.n_layer, best_model, n, flops_per_token(best_model), 0.0, tokens, loss)
             cands = [best]
             best_batch = fixed_train.get("batch_tokens") or batch_rule(flops_per_token(best_model) * tokens, best_model.seq_len)
         why = f"about {CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter (Hoffmann et al. 2022) for a {budget} budget"
@@ -440,8 +527,12 @@ def make_plan(
         rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
         reasons.append(Reason("train.precision", run_precision, rule))
     tokens = planner.tokens_in(model, tps, budget.limit * (1 - reserve - EVAL_SHARE), best.compile) if budget.kind == "time" else best.tokens
-    if best.compile and planner.device_type != "cuda":
-        tps *= cpu_compile_speedup(model)  # what the compiled steps run at, once compiled
+    unique, data_limit = planner.unique_tokens(model), 0
+    if unique and budget.kind == "time" and tokens > max_passes(best.params, unique) * unique:
+        data_limit = int(max_passes(best.params, unique) * unique)  # the run ends there, before the deadline
+        tokens = data_limit
+    if best.compile:
+        tps *= planner.compile_speedup(model)  # what the compiled steps run at, once compiled
 
     for key in ("n_layer", "n_embd", "n_head"):
         if key not in fixed_model:
@@ -455,6 +546,17 @@ def make_plan(
         if planner.vocab_cap and model.vocab_size != raw:
             rule += f"; the rule says {raw}, the prepared data has {planner.vocab_cap}" + ("" if planner.vocab_derivable else " (not derivable)")
         reasons.append(Reason("model.vocab_size", model.vocab_size, rule))
+    if unique:
+        rule = (
+            f"{tokens / unique:.1f} passes over the training text ({unique / 1e6:.3g}M tokens at this vocabulary): repeated tokens, "
+            "and parameters beyond the text's Chinchilla-optimal size, count less in the predicted loss (Muennighoff et al. 2023)"
+        )
+        if data_limit:
+            rule += (
+                f"; the budget buys more, but past {max_passes(best.params, unique):.1f} passes (at {best.params / unique:.2g} parameters "
+                f"per token of text) held-out loss rose in this project's runs: training stops after {data_limit:,} tokens"
+            )
+        reasons.append(Reason("data.passes", round(tokens / unique, 2), rule))
     if "batch_tokens" not in fixed_train:
         rule = f"{BATCH_K} x C^{BATCH_EXP} tokens for C = {compute:.2g} FLOPs (DeepSeek-AI 2024 exponent, constant fit here)"
         reasons.append(Reason("train.batch_tokens", batch, rule))
@@ -463,13 +565,18 @@ def make_plan(
         rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
-    if best.compile and "compile" not in fixed_train:
+    if best.compile and "compile" not in fixed_train and planner.device_type != "cuda":
         train["compile"] = "true"
         rule = (
             f"torch.compile on this CPU: about {cpu_compile_seconds(model):.0f} s to compile, on the clock, for "
             f"{cpu_compile_speedup(model):.2f}x the eager speed (fit to this project's measurements at widths 128-512)"
         )
         reasons.append(Reason("train.compile", "true", rule))
+    if best.compile and planner.device_type == "cuda" and budget.kind == "time" and "compile" not in fixed_train:
+        rule = f"GPUs compile: about {gpu_compile_seconds(model):.0f} s on the clock" + (
+            f", then {GPU_COMPILE_SPEEDUP}x the eager step timed here (measured on an H200)" if planner.measured else ""
+        )
+        reasons.append(Reason("train.compile", "auto", rule))
     eval_tokens = fixed_train.get("eval_tokens", EVAL_TOKENS_SHORT if tokens < 20e6 else TrainConfig().eval_tokens)
     # a forward pass costs about a third of a training step: evaluate as often as EVAL_SHARE of the budget allows
     n_evals = max(2, min(10, int(EVAL_SHARE * 3 * tokens / max(eval_tokens, 1)))) if tps > 0 else 10
@@ -491,7 +598,8 @@ def make_plan(
 
     peak = peak_of(planner, run_precision)
     model_keys = {k: getattr(model, k) for k in ("n_layer", "n_embd", "n_head", "seq_len", *DEFAULT_ARCH)}
-    memory = memory_table(model, micro, run_precision, optimizer, planner, compiled=best.compile or planner.device_type == "cuda")
+    compiled = best.compile or (planner.device_type == "cuda" and fixed_train.get("compile") != "false")
+    memory = memory_table(model, micro, run_precision, optimizer, planner, compiled=compiled)
     return Plan(
         budget=str(budget),
         device=planner.gpu_name or (str(planner.device) if planner.device is not None else "?"),
@@ -510,6 +618,8 @@ def make_plan(
         accumulation=accum,
         memory=memory,
         device_memory=planner.memory,
+        data_tokens=unique,
+        data_limit=data_limit,
         reasons=reasons,
         candidates=[
             {
@@ -556,6 +666,8 @@ def apply_plan(cfg: RunConfig, plan: Plan) -> None:
         setattr(cfg.model, key, value)
     for key, value in plan.train.items():
         setattr(cfg.train, key, value)
+    if plan.data_limit and not cfg.budget.max_tokens:  # a limit the user set wins
+        cfg.budget.max_tokens = plan.data_limit  # the schedule runs to the end of the useful passes, or the deadline if first
 
 
 def format_plan(plan: Plan) -> str:
@@ -566,7 +678,10 @@ def format_plan(plan: Plan) -> str:
         f"{plan.params / 1e6:.2f}M parameters ({plan.non_embedding_params / 1e6:.2f}M outside the embedding)",
         f"train   batch {t['batch_tokens']:,} tokens = {plan.accumulation} x {plan.micro_batch} sequences, lr {t['lr']:g} ({t['optimizer']}), "
         f"{t['schedule']} schedule, {t['precision']}",
-        f"expect  {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens / 1e6:,.1f}M tokens ({plan.tokens / plan.params:.1f} per parameter), "
+        f"expect  {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens / 1e6:,.1f}M tokens ({plan.tokens / plan.params:.1f} per parameter"
+        + (f", {plan.tokens / plan.data_tokens:.1f} passes over the training text" if plan.data_tokens else "")
+        + (", the most it supports: the run stops there" if plan.data_limit else "")
+        + "), "
         f"{plan.flops:.2g} FLOPs" + (f", MFU {plan.mfu:.0%}" if plan.mfu else ""),
     ]
     if plan.memory:
@@ -625,18 +740,18 @@ def plan_command(args) -> int:
     user_keys = override_keys(RunConfig, args.set or [])
     fixed_model, fixed_train = user_fixed(cfg, user_keys)
     budget = parse_budget(args.budget)
-    vocab_cap, derivable = 0, True
+    vocab_cap, derivable, corpus = 0, True, None
     if where.data:
         data = PreparedData(where.data)
-        vocab_cap, derivable = data.vocab_size, can_derive(data.tokenizer)
+        vocab_cap, derivable, corpus = data.vocab_size, can_derive(data.tokenizer), Corpus.of(data)
     memory = parse_bytes(where.memory) if where.memory else 0
     if where.gpu:
-        planner = Planner(None, gpu_name=where.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable)
+        planner = Planner(None, gpu_name=where.gpu, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, corpus=corpus)
     else:
         if where.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU here; pass --gpu NAME to plan for one from its datasheet")
         device = torch.device(where.device if where.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        planner = Planner(device, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, log=None if args.json else _stderr)
+        planner = Planner(device, memory=memory, vocab_cap=vocab_cap, vocab_derivable=derivable, corpus=corpus, log=None if args.json else _stderr)
     target = parse_count(where.params) if where.params else 0
     plan = make_plan(budget, planner, fixed_model=fixed_model, fixed_train=fixed_train, target_params=target)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))

@@ -57,7 +57,7 @@ from budgetlm.files import write_json
 from budgetlm.hardware import peak_flops
 from budgetlm.model import Transformer, compute_loss
 from budgetlm.optim import batch_size_at, build_optimizer, check_schedule, lr_at, ramp_progress, set_lr
-from budgetlm.plan import Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
+from budgetlm.plan import Corpus, Plan, Planner, apply_plan, format_plan, make_plan, user_fixed
 from budgetlm.report import write_plots, write_report
 from budgetlm.run import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, run_config
 from budgetlm.trackers import parse_trackers
@@ -288,7 +288,8 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
     if dist.rank == 0:
         print0(f"choosing the model for a {cfg.budget.limit} budget on {device} (timing candidates; cached for later runs)")
         start = time.monotonic()
-        planner = Planner(device, vocab_cap=data.vocab_size, vocab_derivable=can_derive(data.tokenizer), world_size=dist.world_size, log=print0)
+        derivable, corpus = can_derive(data.tokenizer), Corpus.of(data)
+        planner = Planner(device, vocab_cap=data.vocab_size, vocab_derivable=derivable, corpus=corpus, world_size=dist.world_size, log=print0)
         plan = make_plan(cfg.budget.limit, planner, fixed_model=fixed_model, fixed_train=fixed_train, reserve=cfg.budget.reserve)
         print0(format_plan(plan))
         print0(f"planned in {time.monotonic() - start:.1f}s (before the clock starts)")
@@ -478,7 +479,7 @@ def setup(
     trainer = Trainer(
         cfg=cfg, run_dir=run_dir, dist=dist, dims=dims, data=data, full=full, par=par, optimizer=optimizer, scaler=scaler,
         precision=precision, global_seqs=global_seqs, per_replica_seqs=per_replica_seqs, micro=micro, loader=loader,
-        batches=None, clock=Clock(parse_budget(cfg.budget.limit), reserve=cfg.budget.reserve), state=LoopState(),
+        batches=None, clock=Clock(parse_budget(cfg.budget.limit), reserve=cfg.budget.reserve, max_tokens=cfg.budget.max_tokens), state=LoopState(),
         metrics=MetricsLog(run_dir, enabled=dist.rank == 0, trackers=cfg.train.trackers, settings=to_dict(cfg)), peak=peak, peak_source=peak_source,
     )  # fmt: skip
     trainer.batches = DeviceBatches(trainer.next_batch, device)
@@ -693,10 +694,13 @@ def validate(t: Trainer) -> dict:
     if init_file.is_file():
         summary["init_from"] = json.loads(init_file.read_text(encoding="utf-8"))["run"]
     plan_file = t.run_dir / PLAN_FILE
-    if plan_file.is_file() and clock.budget.kind == "time":  # how well the planner predicted this device's speed
-        planned = json.loads(plan_file.read_text(encoding="utf-8"))["tokens"]
-        summary["planned_tokens"] = round(planned)
-        summary["tokens_vs_plan"] = round(state.tokens / max(planned, 1), 3)
+    plan = json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else {}
+    if plan and clock.budget.kind == "time":  # how well the planner predicted this device's speed
+        summary["planned_tokens"] = round(plan["tokens"])
+        summary["tokens_vs_plan"] = round(state.tokens / max(plan["tokens"], 1), 3)
+    if plan.get("data_limit"):
+        passes = plan["data_limit"] / plan["data_tokens"]
+        summary["data_limit"] = f"{passes:.1f} passes over the training text, the most it supports: {plan['data_limit']:,} tokens"
     weights = ckpt.full_model_state(t.par.model, gather=t.gather)  # consolidated on rank 0, once (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
@@ -811,6 +815,7 @@ def resume_config(run: str | Path, budget: str | None, overrides: list[str]) -> 
         raise UserError(f"run {run_dir} has no checkpoint to resume from")
     if budget:
         cfg.budget.limit = budget
+        cfg.budget.max_tokens = 0  # asking for more time asks for more training, past the plan's data limit too
     apply_overrides(cfg, overrides)
     check_config(cfg)
     return cfg

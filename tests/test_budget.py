@@ -74,6 +74,22 @@ def test_count_budgets_ignore_reserve():
     assert [steps.should_stop(steps=s) for s in (9, 10, 11)] == [False, True, True]
 
 
+def test_a_wall_clock_budget_with_max_tokens_ends_at_whichever_comes_first():
+    ft = FakeTime()
+    clock = Clock(Budget("time", 100.0), time_fn=ft, max_tokens=1000)
+    clock.start()
+    ft.t += 10
+    assert clock.progress(tokens=500) == 0.5  # tokens lead: the schedule follows them
+    assert not clock.should_stop(tokens=999) and clock.should_stop(tokens=1000)
+    ft.t += 70
+    assert clock.progress(tokens=500) == pytest.approx(0.8)  # the clock leads
+    ft.t += 20
+    assert clock.should_stop(tokens=10)  # the deadline still holds
+    assert Clock(parse_budget("tokens:50"), max_tokens=10).max_tokens == 0  # only for wall-clock budgets
+    with pytest.raises(UserError, match="max_tokens"):
+        Clock(Budget("time", 10.0), max_tokens=-1)
+
+
 def _run(clock: Clock, ft: FakeTime, step_seconds: list[float]) -> int:
     """A training loop on the fake clock; returns how many steps ran."""
     clock.start()

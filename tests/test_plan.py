@@ -12,8 +12,9 @@ from budgetlm import plan as P
 from budgetlm.cli import main
 from budgetlm.config import ModelConfig
 from budgetlm.model import Transformer
-from budgetlm.pretrain import pretrain, resolve_config
+from budgetlm.pretrain import pretrain, resolve_config, resume_config
 from budgetlm.run import load_run
+from budgetlm.tracking import read_metrics
 
 
 def test_parameter_and_flop_counts_match_the_model():
@@ -89,6 +90,39 @@ def test_cpu_compile_is_chosen_only_where_its_time_on_the_clock_pays(monkeypatch
     assert P.cpu_compile_speedup(ModelConfig(n_embd=128)) > P.cpu_compile_speedup(ModelConfig(n_embd=512)) > 1
 
 
+def test_repeated_text_counts_less_and_a_small_corpus_gets_a_smaller_model():
+    # Muennighoff et al.'s effective count: exact up to one pass, then saturating at (1 + star) passes
+    assert P.effective(100, 80, 15.4) == 80 and P.effective(100, 100, 15.4) == 100
+    assert 150 < P.effective(100, 200, 15.4) < 200
+    assert P.effective(100, 1e12, 15.4) == pytest.approx(100 * 16.4)
+    assert P.predicted_loss(1e6, 1e7, unique_tokens=1e9) == P.predicted_loss(1e6, 1e7)  # nothing repeated
+    assert P.predicted_loss(1e6, 1e8, unique_tokens=1e6) > P.predicted_loss(1e6, 1e8)
+    corpus = P.Corpus(tokens=3_226_145, vocab_size=8192)  # Shakespeare as `make demo` prepares it
+    assert corpus.tokens_at(8192) == corpus.tokens_at(65536) == 3_226_145
+    assert corpus.tokens_at(2048) == pytest.approx(3_950_274, rel=0.05)  # as derived: a smaller vocabulary cuts more tokens
+    # a fast device and a short budget, as on the H200, where the unaware plan trained 14 passes
+    fast = dict(overhead_s=0.0005, flops=4e14, vocab_cap=8192)
+    unaware, aware = P.make_plan("60s", FakePlanner(**fast)), P.make_plan("60s", FakePlanner(corpus=corpus, **fast))
+    assert aware.params < unaware.params / 3
+    assert aware.data_tokens and not unaware.data_tokens
+    passes = next(r for r in aware.reasons if r.key == "data.passes")
+    assert passes.value == pytest.approx(aware.tokens / aware.data_tokens, rel=0.01) and "Muennighoff" in passes.rule
+    # the budget buys more passes than the text supports: the run trains the supported tokens, then stops
+    assert aware.data_limit == aware.tokens == int(P.max_passes(aware.params, aware.data_tokens) * aware.data_tokens)
+    assert aware.data_limit < aware.tokens_per_s * 60 and "stops after" in passes.rule
+    assert "the run stops there" in P.format_plan(aware) and not unaware.data_limit
+    cfg = resolve_config(None, "60s", [], "")
+    P.apply_plan(cfg, aware)
+    assert cfg.budget.limit == "60s" and cfg.budget.max_tokens == aware.data_limit
+    # where the held-out loss bottomed in bench/results/data_limited.md, within a third
+    for params_per_token, bottom in ((0.82, 17.5), (4.6, 4.1), (15.4, 2.4)):
+        assert P.max_passes(params_per_token, 1.0) == pytest.approx(bottom, rel=0.33)
+    assert P.max_passes(1e5, 1e7) == P.MAX_PASSES
+    # plenty of text: the same plan as without it
+    big = P.make_plan("60s", FakePlanner(corpus=P.Corpus(tokens=10**12, vocab_size=8192), **fast))
+    assert big.params == unaware.params
+
+
 def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
     planner = FakePlanner(vocab_cap=1024)
     plan = P.make_plan("24h", planner, fixed_model={"n_layer": 3, "n_embd": 96, "n_head": 3}, fixed_train={"lr": 1e-3, "optimizer": "adamw"})
@@ -136,6 +170,25 @@ def test_plan_command_times_this_cpu(capsys, tmp_path, monkeypatch, prepared_bpe
 
 
 @pytest.mark.slow
+def test_a_run_whose_text_runs_out_before_the_deadline_stops_there(prepared_bpe, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "MAX_PASSES", 0.05)  # so that a few steps use up what this small text supports
+    cfg = resolve_config(None, "30s", ["model.n_layer=1", "train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
+    run = tmp_path / "run"
+    summary = pretrain(cfg, run, user_keys={"model.n_layer"})
+    plan = json.loads((run / "plan.json").read_text())
+    assert 0 < plan["data_limit"] < plan["tokens_per_s"] * 30
+    saved = load_run(run).config
+    assert saved.budget.limit == "30s" and saved.budget.max_tokens == plan["data_limit"]
+    assert plan["data_limit"] <= summary["tokens"] < plan["data_limit"] + saved.train.batch_tokens  # stopped there, early
+    assert summary["elapsed_s"] < 20 and "the most it supports" in summary["data_limit"]
+    assert "passes over the training text, the most it supports" in (run / "report.md").read_text()
+    lrs = [r["lr"] for r in read_metrics(run) if r["kind"] == "train"]
+    assert lrs[-1] < 0.2 * max(lrs)  # the schedule decayed towards the data's end, not the deadline's
+    assert resume_config(run, None, []).budget.max_tokens == plan["data_limit"]  # resumed after a kill: the same run
+    assert resume_config(run, "1m", []).budget.max_tokens == 0  # more time asked for: more training
+
+
 def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp_path, monkeypatch):
     monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(None, "6s", ["train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
