@@ -6,23 +6,23 @@
 #
 # Sections (each has its own time limit, log and status; one failing does not lose the others):
 #   env       device, driver, torch / CUDA / cuDNN / transformers versions, git commit
-#   tests     the test suite's GPU-only tests (pytest -m gpu): int4 and int8 weights and 2:4 sparsity
-#             compressed on the GPU, saved, reloaded and run
 #   sdpa      scaled_dot_product_attention at the gpt-124m-1gpu shapes: does the flash kernel run,
 #             its time against the memory-efficient and math kernels, and does budgetlm's
 #             attention call reach flash (run with only the flash backend allowed)
+#   tests     the test suite's GPU-only tests (pytest -m gpu): int4 and int8 weights and 2:4 sparsity
+#             compressed on the GPU, saved, reloaded and run (they need torchao: carry its wheel if absent)
 #   bf16      bench/train_speed.py on gpt-124m-1gpu's model (12 x 768, seq 1024, batch 16): budgetlm
 #             eager and torch.compile'd and HF LlamaForCausalLM eager with the same weights: tokens/s,
 #             MFU (target >= 55% for budgetlm compiled), speed-up over HF
 #   memory    bench/plan_memory.py --device cuda: torch.cuda.max_memory_allocated of real training
 #             steps against budgetlm/memory.py's estimate (target: within 15%)
-#   fp16      the same in fp16 autocast with a GradScaler, budgetlm only, eager and compiled
 #   pretrain  the budget-derived defaults end to end on this GPU: `budgetlm plan --device cuda` at 60 s
 #             and 24 h, then `budgetlm pretrain --budget 60s` with no recipe and no model keys on
 #             $DATA (a prepared data directory; default runs/demo/data, from `make demo`) and `eval`:
 #             what the plan chose, and the tokens it trained against the plan's prediction
 #   mfu_batch budgetlm compiled at micro-batches 32 and 64 (same model and sequence): how much of the
 #             gap to the MFU target the batch closes (a 768-wide model's matmuls are small for a GPU)
+#   fp16      bf16's measurement in fp16 autocast with a GradScaler, budgetlm only, eager and compiled
 #   hf_compile HF LlamaForCausalLM torch.compile'd, same sizes (the fair opponent of budgetlm compiled)
 #   summary   summary.md: the numbers above against their targets
 #
