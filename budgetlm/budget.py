@@ -270,6 +270,7 @@ class Clock:
             "tail": self.tail_seconds,
             "budget": str(self.budget),
             "reserve": self.reserve,
+            "max_tokens": self.max_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:

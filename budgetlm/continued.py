@@ -52,7 +52,7 @@ def begin_extension(state, clock: Clock, saved_clock: dict, train_cfg) -> dict:
     if clock.should_stop(tokens=state.tokens, steps=state.step):
         used = {"time": f"{clock.elapsed():.0f}s", "tokens": f"{state.tokens:,} tokens", "steps": f"{state.step} steps"}[clock.budget.kind]
         raise UserError(f"budget {clock.budget} leaves nothing to train: the run has used {used} of it already; give a longer one")
-    old = Clock(parse_budget(old_budget), reserve=float(saved_clock.get("reserve", 0.0)))
+    old = Clock(parse_budget(old_budget), reserve=float(saved_clock.get("reserve", 0.0)), max_tokens=int(saved_clock.get("max_tokens", 0)))
     old.load_state_dict(saved_clock)
     old_progress = old.progress(tokens=state.tokens, steps=state.step)
     previous = state.extension
@@ -103,6 +103,7 @@ def init_from_config(source: Path, data: str | None, budget: str | None, overrid
         if key in ("auto", "recipe", "data"):
             raise UserError(f"--init-from takes the model from {source}; {key} cannot be set (use --data for the data)")
     cfg.auto = False  # the model is the source's; nothing is planned
+    cfg.budget.max_tokens = 0  # the source's data limit counted the source's tokens, on its data
     if budget:
         cfg.budget.limit = budget
     apply_overrides(cfg, overrides)

@@ -30,8 +30,8 @@ Every rule, with its source, lands in the run's report and in `budgetlm plan`:
   project's measured optimum at 90 seconds on a CPU; they land on GPT-2 small's 6e-4 at a GPU day.
 - context: the next power of two at or above the width, 128 to 2048 (GPT-2 small: 768 -> 1024;
   nanochat d20: 1280 -> 2048); short runs cannot use long contexts and pay for them in attention.
-- schedule: warm-up, then linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et
-  al. 2025, "Straight to Zero"), driven by budget progress.
+- schedule: warm-up, then linear decay to zero at the deadline, or at the data limit where that
+  comes first (Hägele et al. 2024; Bergsma et al. 2025, "Straight to Zero"), driven by budget progress.
 - optimizer and architecture: what this project measured to be best at equal wall clock.
 """
 
@@ -333,8 +333,10 @@ class Planner:
         return cfg
 
     def unique_tokens(self, cfg: ModelConfig) -> float:
-        """The training text's tokens at `cfg`'s vocabulary; 0 where no data was given."""
-        return self.corpus.tokens_at(cfg.vocab_size) if self.corpus else 0.0
+        """The training text's tokens at `cfg`'s vocabulary; 0 where no data was given, or for a masked
+        model (which learns from a fraction of the positions per pass: the passes rules were fit on
+        causal ones)."""
+        return self.corpus.tokens_at(cfg.vocab_size) if self.corpus and cfg.objective == "causal" else 0.0
 
     def tokens_per_s(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> float:
         if not self.measured:
@@ -529,7 +531,7 @@ def make_plan(
     tokens = planner.tokens_in(model, tps, budget.limit * (1 - reserve - EVAL_SHARE), best.compile) if budget.kind == "time" else best.tokens
     unique, data_limit = planner.unique_tokens(model), 0
     if unique and budget.kind == "time" and tokens > max_passes(best.params, unique) * unique:
-        data_limit = int(max_passes(best.params, unique) * unique)  # the run ends there, before the deadline
+        data_limit = max(1, math.ceil(max_passes(best.params, unique) * unique))  # the run ends there, before the deadline
         tokens = data_limit
     if best.compile:
         tps *= planner.compile_speedup(model)  # what the compiled steps run at, once compiled
@@ -581,7 +583,7 @@ def make_plan(
     # a forward pass costs about a third of a training step: evaluate as often as EVAL_SHARE of the budget allows
     n_evals = max(2, min(10, int(EVAL_SHARE * 3 * tokens / max(eval_tokens, 1)))) if tps > 0 else 10
     for key, value, rule in (
-        ("schedule", "linear", "linear decay to zero at the deadline (Hägele et al. 2024; Bergsma et al. 2025)"),
+        ("schedule", "linear", "linear decay to zero at the deadline, or the data limit (Hägele et al. 2024; Bergsma et al. 2025)"),
         ("min_lr_ratio", 0.0, "decay to zero"),
         ("warmup", WARMUP, "a short warm-up, as a fraction of the budget"),
         ("eval_tokens", eval_tokens, "held-out tokens per evaluation"),
@@ -660,14 +662,15 @@ def memory_table(model: ModelConfig, micro: int, precision: str, optimizer: str,
     return out
 
 
-def apply_plan(cfg: RunConfig, plan: Plan) -> None:
-    """Write the plan's choices into `cfg` (the user's own keys are already in the plan)."""
+def apply_plan(cfg: RunConfig, plan: Plan, keep_max_tokens: bool = False) -> None:
+    """Write the plan's choices into `cfg` (the user's own keys are already in the plan; a
+    budget.max_tokens the user set, `keep_max_tokens`, stays)."""
     for key, value in plan.model.items():
         setattr(cfg.model, key, value)
     for key, value in plan.train.items():
         setattr(cfg.train, key, value)
-    if plan.data_limit and not cfg.budget.max_tokens:  # a limit the user set wins
-        cfg.budget.max_tokens = plan.data_limit  # the schedule runs to the end of the useful passes, or the deadline if first
+    if plan.data_limit and not keep_max_tokens:  # the schedule runs to the end of the useful passes, or the deadline if first
+        cfg.budget.max_tokens = plan.data_limit
 
 
 def format_plan(plan: Plan) -> str:

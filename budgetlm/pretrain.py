@@ -294,7 +294,7 @@ def plan_run(cfg: RunConfig, dist: DistInfo, user_keys: set[str] | None) -> Plan
         print0(format_plan(plan))
         print0(f"planned in {time.monotonic() - start:.1f}s (before the clock starts)")
     plan = broadcast_object(plan)
-    apply_plan(cfg, plan)
+    apply_plan(cfg, plan, keep_max_tokens="budget.max_tokens" in user_keys)
     if plan.vocab_size != data.vocab_size:
         if dist.rank == 0:  # about twice the tokens the run will read, in case it runs faster than planned
             derive_vocabulary(data, plan.vocab_size, max_train_tokens=int(2 * plan.tokens * data.vocab_size / plan.vocab_size), log=print0)
@@ -698,9 +698,10 @@ def validate(t: Trainer) -> dict:
     if plan and clock.budget.kind == "time":  # how well the planner predicted this device's speed
         summary["planned_tokens"] = round(plan["tokens"])
         summary["tokens_vs_plan"] = round(state.tokens / max(plan["tokens"], 1), 3)
-    if plan.get("data_limit"):
-        passes = plan["data_limit"] / plan["data_tokens"]
-        summary["data_limit"] = f"{passes:.1f} passes over the training text, the most it supports: {plan['data_limit']:,} tokens"
+    if clock.max_tokens and state.tokens >= clock.max_tokens:  # ended by the token limit, before the deadline
+        summary["data_limit"] = f"stopped at budget.max_tokens={clock.max_tokens:,}"
+        if plan.get("data_limit") == clock.max_tokens:
+            summary["data_limit"] += f": {clock.max_tokens / plan['data_tokens']:.1f} passes over the training text, the most it supports"
     weights = ckpt.full_model_state(t.par.model, gather=t.gather)  # consolidated on rank 0, once (a collective when sharded)
     if t.dist.rank == 0:
         ckpt.save_weights_state(t.run_dir / WEIGHTS_FILE, weights)
@@ -814,8 +815,9 @@ def resume_config(run: str | Path, budget: str | None, overrides: list[str]) -> 
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"run {run_dir} has no checkpoint to resume from")
     if budget:
+        if str(parse_budget(budget)) != str(parse_budget(cfg.budget.limit)):
+            cfg.budget.max_tokens = 0  # asking for a longer budget asks for more training, past the plan's data limit too
         cfg.budget.limit = budget
-        cfg.budget.max_tokens = 0  # asking for more time asks for more training, past the plan's data limit too
     apply_overrides(cfg, overrides)
     check_config(cfg)
     return cfg

@@ -4,6 +4,7 @@ winning, `budgetlm plan`, and `pretrain` with no model keys choosing and recordi
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from budgetlm import plan as P
 from budgetlm.cli import main
 from budgetlm.config import ModelConfig
+from budgetlm.continued import init_from_config
 from budgetlm.model import Transformer
 from budgetlm.pretrain import pretrain, resolve_config, resume_config
 from budgetlm.run import load_run
@@ -108,12 +110,19 @@ def test_repeated_text_counts_less_and_a_small_corpus_gets_a_smaller_model():
     passes = next(r for r in aware.reasons if r.key == "data.passes")
     assert passes.value == pytest.approx(aware.tokens / aware.data_tokens, rel=0.01) and "Muennighoff" in passes.rule
     # the budget buys more passes than the text supports: the run trains the supported tokens, then stops
-    assert aware.data_limit == aware.tokens == int(P.max_passes(aware.params, aware.data_tokens) * aware.data_tokens)
+    assert aware.data_limit == aware.tokens == math.ceil(P.max_passes(aware.params, aware.data_tokens) * aware.data_tokens)
     assert aware.data_limit < aware.tokens_per_s * 60 and "stops after" in passes.rule
     assert "the run stops there" in P.format_plan(aware) and not unaware.data_limit
     cfg = resolve_config(None, "60s", [], "")
     P.apply_plan(cfg, aware)
     assert cfg.budget.limit == "60s" and cfg.budget.max_tokens == aware.data_limit
+    mine = resolve_config(None, "60s", ["budget.max_tokens=0"], "")
+    P.apply_plan(mine, aware, keep_max_tokens=True)
+    assert mine.budget.max_tokens == 0  # the user's own limit (here: none) wins
+    # masked models learn from a fraction of the positions per pass: the rules, fit on causal ones, stay off
+    masked = FakePlanner(corpus=corpus, **fast)
+    assert masked.unique_tokens(ModelConfig(objective="masked", vocab_size=8192)) == 0
+    assert masked.unique_tokens(ModelConfig(vocab_size=8192)) == corpus.tokens
     # where the held-out loss bottomed in bench/results/data_limited.md, within a third
     for params_per_token, bottom in ((0.82, 17.5), (4.6, 4.1), (15.4, 2.4)):
         assert P.max_passes(params_per_token, 1.0) == pytest.approx(bottom, rel=0.33)
@@ -121,6 +130,9 @@ def test_repeated_text_counts_less_and_a_small_corpus_gets_a_smaller_model():
     # plenty of text: the same plan as without it
     big = P.make_plan("60s", FakePlanner(corpus=P.Corpus(tokens=10**12, vocab_size=8192), **fast))
     assert big.params == unaware.params
+    for budget in ("90s", "20m"):  # Shakespeare on a CPU core's speeds: a pass or a few, the same model
+        cpu, cpu_aware = P.make_plan(budget, FakePlanner(vocab_cap=8192)), P.make_plan(budget, FakePlanner(vocab_cap=8192, corpus=corpus))
+        assert cpu_aware.model == cpu.model and not cpu_aware.data_limit and cpu_aware.tokens / cpu_aware.data_tokens < 16
 
 
 def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
@@ -181,12 +193,18 @@ def test_a_run_whose_text_runs_out_before_the_deadline_stops_there(prepared_bpe,
     saved = load_run(run).config
     assert saved.budget.limit == "30s" and saved.budget.max_tokens == plan["data_limit"]
     assert plan["data_limit"] <= summary["tokens"] < plan["data_limit"] + saved.train.batch_tokens  # stopped there, early
-    assert summary["elapsed_s"] < 20 and "the most it supports" in summary["data_limit"]
+    assert summary["elapsed_s"] < 20 and f"stopped at budget.max_tokens={plan['data_limit']:,}" in summary["data_limit"]
     assert "passes over the training text, the most it supports" in (run / "report.md").read_text()
     lrs = [r["lr"] for r in read_metrics(run) if r["kind"] == "train"]
     assert lrs[-1] < 0.2 * max(lrs)  # the schedule decayed towards the data's end, not the deadline's
-    assert resume_config(run, None, []).budget.max_tokens == plan["data_limit"]  # resumed after a kill: the same run
-    assert resume_config(run, "1m", []).budget.max_tokens == 0  # more time asked for: more training
+    # resumed after a kill, with or without its budget restated: the same run, the same limit
+    assert resume_config(run, None, []).budget.max_tokens == resume_config(run, "30s", []).budget.max_tokens == plan["data_limit"]
+    assert resume_config(run, "1m", []).budget.max_tokens == 0  # a longer budget asks for more training
+    assert init_from_config(run, None, "30s", []).budget.max_tokens == 0  # a new run counts its own tokens
+    # extended by one step: the extension starts from where the data-limited schedule ended (near 0), not mid-way
+    assert main(["pretrain", "--resume", str(run), "--budget", f"steps:{summary['steps'] + 1}"]) == 0
+    ext = json.loads((run / "checkpoint" / "state.json").read_text())["loop"]["extensions"][0]
+    assert ext["multiplier"] < 0.2
 
 
 def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp_path, monkeypatch):
