@@ -338,6 +338,12 @@ class Planner:
         causal ones)."""
         return self.corpus.tokens_at(cfg.vocab_size) if self.corpus and cfg.objective == "causal" else 0.0
 
+    def data_cap(self, cfg: ModelConfig, params: float) -> float:
+        """The most tokens `cfg` (of `params` parameters) should train on this text: `max_passes` over
+        it; unbounded where the text is not known."""
+        unique = self.unique_tokens(cfg)
+        return max_passes(params, unique) * unique if unique else math.inf
+
     def tokens_per_s(self, cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> float:
         if not self.measured:
             from budgetlm.hardware import gpu_peak_flops
@@ -423,8 +429,7 @@ class Planner:
             n = total_params(cfg)
             compiled = self.compile_pays(cfg, seconds, compile_pref)
             tokens = self.tokens_in(cfg, tps, seconds, compiled)
-            unique = self.unique_tokens(cfg)
-            cap = max_passes(n, unique) * unique if unique else math.inf
+            unique, cap = self.unique_tokens(cfg), self.data_cap(cfg, n)
             capped = tokens > cap  # the run would end when the data is used up, before the deadline
             if capped and compiled and compile_pref == "auto" and self.device_type != "cuda":  # compile only if it ends sooner
                 compiled = cpu_compile_seconds(cfg) + cap / (tps * self.compile_speedup(cfg)) < cap / tps
@@ -529,9 +534,9 @@ def make_plan(
         rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
         reasons.append(Reason("train.precision", run_precision, rule))
     tokens = planner.tokens_in(model, tps, budget.limit * (1 - reserve - EVAL_SHARE), best.compile) if budget.kind == "time" else best.tokens
-    unique, data_limit = planner.unique_tokens(model), 0
-    if unique and budget.kind == "time" and tokens > max_passes(best.params, unique) * unique:
-        data_limit = max(1, math.ceil(max_passes(best.params, unique) * unique))  # the run ends there, before the deadline
+    unique, cap, data_limit = planner.unique_tokens(model), planner.data_cap(model, best.params), 0
+    if budget.kind == "time" and tokens > cap:
+        data_limit = max(1, math.ceil(cap))  # the run ends there, before the deadline
         tokens = data_limit
     if best.compile:
         tps *= planner.compile_speedup(model)  # what the compiled steps run at, once compiled
