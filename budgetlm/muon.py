@@ -27,11 +27,13 @@ NS_STEPS = 5
 EPS = 1e-7
 
 
-def newton_schulz(x: torch.Tensor, steps: int = NS_STEPS, coefficients=NS_COEFFICIENTS, eps: float = EPS) -> torch.Tensor:
-    """Approximately orthogonalise each matrix of a (n, rows, cols) stack with rows <= cols, in bf16:
+def newton_schulz(
+    x: torch.Tensor, steps: int = NS_STEPS, coefficients=NS_COEFFICIENTS, eps: float = EPS, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Approximately orthogonalise each matrix of a (n, rows, cols) stack with rows <= cols, in `dtype`:
     the result is close to U V^T of each matrix's SVD (singular values land in about [0.7, 1.2])."""
     a, b, c = coefficients
-    x = x.bfloat16()
+    x = x.to(dtype)
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.mT
@@ -63,6 +65,7 @@ class Muon(torch.optim.Optimizer):
         eps: float = EPS,
         ns_steps: int = NS_STEPS,
         adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
@@ -72,6 +75,7 @@ class Muon(torch.optim.Optimizer):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
         )  # fmt: skip
+        self.ns_dtype = ns_dtype  # not a group setting: it says how this machine runs the update, not what the update is
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -106,7 +110,8 @@ class Muon(torch.optim.Optimizer):
             for members in stacks.values():
                 tall = [params[i].size(0) > params[i].size(1) for i in members]
                 wide = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(members, tall)])
-                ortho = newton_schulz(wide, group["ns_steps"], group["ns_coefficients"], group["eps"]).to(params[members[0]].dtype)
+                ortho = newton_schulz(wide, group["ns_steps"], group["ns_coefficients"], group["eps"], self.ns_dtype)
+                ortho = ortho.to(params[members[0]].dtype)
                 by_shape: dict[torch.Size, tuple[list, list]] = {}  # tall and wide ones may scale differently
                 for i, o, t in zip(members, ortho.unbind(0), tall):
                     mine, theirs = by_shape.setdefault(params[i].shape, ([], []))

@@ -29,7 +29,7 @@ from budgetlm.files import write_json
 from budgetlm.hardware import cpu_name
 
 CACHE_FILE = "speed.json"
-METHOD = 5  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
+METHOD = 6  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
 WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
 TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
 
@@ -112,7 +112,7 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
     rng_state = torch.get_rng_state()  # planning must not change the run's seeded initialisation
     try:
         model = Transformer.build(model_cfg, device=device)
-        opt = build_optimizer(model, TrainConfig(optimizer=optimizer), device.type)
+        opt = build_optimizer(model, TrainConfig(optimizer=optimizer, precision=precision), device.type)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         x = torch.randint(0, model_cfg.vocab_size, (micro, model_cfg.seq_len + 1), device=device)
         times = []

@@ -310,3 +310,26 @@ def test_auto_attention_takes_the_explicit_path_only_for_short_cpu_training_cont
         build(tiny(attention="sdpa"))(torch.randint(0, 100, (1, 16)))
     model(torch.randint(0, 100, (1, 16)))  # fp32: SDPA
     assert calls == [16, 16]  # one call per layer for the short bf16 context, none otherwise
+
+
+@pytest.mark.parametrize("affine, eps", [(True, 1e-5), (False, None)])
+@pytest.mark.parametrize("shape", [(3, 7, 32), (2, 4, 5, 16)], ids=["block", "qk-norm"])
+def test_rms_norm_values_and_gradients_equal_torch(shape, affine, eps):
+    from budgetlm.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=eps, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.add_(0.1 * torch.randn(shape[-1]))
+    x = torch.randn(shape, requires_grad=True)
+    grad_out = torch.randn(shape)
+    ours = norm(x)
+    ref = F.rms_norm(x, (shape[-1],), norm.weight, eps)
+    params = (x, norm.weight) if affine else (x,)
+    for a, b in zip(torch.autograd.grad(ours, params, grad_out), torch.autograd.grad(ref, params, grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, ref)
+    assert ours.grad_fn.name().startswith("_RMSNormCPU")  # eager fp32 training on a CPU takes the written-out backward
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), ref)

@@ -9,7 +9,7 @@ from torch import nn
 
 from budgetlm.config import TrainConfig
 from budgetlm.errors import UserError
-from budgetlm.muon import Muon
+from budgetlm.muon import Muon, newton_schulz
 from budgetlm.optim import SCHEDULES, batch_size_at, build_optimizer, lr_at, lr_multiplier, param_groups, set_lr
 
 
@@ -210,6 +210,26 @@ def test_batched_muon_equals_torch_muon(adjust_lr_fn, nesterov):
     for ours, theirs, before in zip(*results, start):
         assert (ours - before).abs().max() > 0.01  # it moved
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)  # bf16 Newton-Schulz, batched or one by one
+
+
+def test_muon_iterates_in_fp32_on_cpus_that_train_in_fp32():
+    """A CPU training in fp32 is one without fast bf16 matmuls: Newton-Schulz runs in fp32 there, and its
+    update is torch's bf16 one up to bf16 rounding (the iteration is the same; only the arithmetic differs)."""
+    from budgetlm.optim import newton_schulz_dtype
+
+    assert newton_schulz_dtype("fp32", "cpu") == torch.float32 and newton_schulz_dtype("auto", "cpu") == torch.float32
+    assert newton_schulz_dtype("bf16", "cpu") == torch.bfloat16
+    m = _muon_model()
+    by_precision = {p: build_optimizer(m, TrainConfig(optimizer="muon", precision=p), "cpu").optimizers[1].ns_dtype for p in ("fp32", "bf16")}
+    assert by_precision == {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 16, 40, generator=gen)
+    fp32, bf16 = newton_schulz(g, dtype=torch.float32), newton_schulz(g, dtype=torch.bfloat16)
+    assert fp32.dtype == torch.float32
+    torch.testing.assert_close(fp32, bf16.float(), rtol=0, atol=0.05)
+    singular = torch.linalg.svdvals(fp32)  # near-orthogonal rows: the quintic's singular values land in about [0.7, 1.2]
+    assert singular.min() > 0.6 and singular.max() < 1.25
 
 
 def test_muon_state_round_trips_through_a_checkpoint(tmp_path):
