@@ -22,6 +22,8 @@
 #             what the plan chose, and the tokens it trained against the plan's prediction
 #   mfu_batch budgetlm compiled at micro-batches 32 and 64 (same model and sequence): how much of the
 #             gap to the MFU target the batch closes (a 768-wide model's matmuls are small for a GPU)
+#   profile   bench/step_profile.py: the compiled bf16 step of the bf16 section under torch.profiler, GPU time
+#             by kernel and by class (matmul, attention, optimizer, other): where the gap to peak is
 #   fp16      bf16's measurement in fp16 autocast with a GradScaler, budgetlm only, eager and compiled
 #   hf_compile HF LlamaForCausalLM torch.compile'd, same sizes (the fair opponent of budgetlm compiled)
 #   summary   summary.md: the numbers above against their targets
@@ -36,7 +38,7 @@ SMOKE=${SMOKE:-0}
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +57,7 @@ if [ "$SMOKE" = 1 ]; then
   TOTAL=${TOTAL:-900}  # one slow CPU core compiles slowly
   PRETRAIN_BUDGET=10s
   MFU_BATCHES="4"
+  PROFILE_STEPS=1
 else
   OUT=${OUT:-$ROOT/bench/results/gpu}
   DEVICE=cuda CONFIG=gpt2-124m BATCH=16 STEPS="--warmup 3 --steps 5 --repeats 3"
@@ -63,6 +66,7 @@ else
   TOTAL=${TOTAL:-530}  # seconds for everything: under 9 minutes
   PRETRAIN_BUDGET=60s
   MFU_BATCHES="32 64"
+  PROFILE_STEPS=5
 fi
 export PYTHON DEVICE
 mkdir -p "$OUT"
@@ -185,6 +189,8 @@ fi
 run_section mfu_batch 100 bash -c '
   for b in $2; do "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype bf16 --configs "$1" --batch "$b" --compile --no-eager --no-hf $3 \
     --out "$4/train_speed_bf16_b$b" || exit; done' _ "$CONFIG" "$MFU_BATCHES" "$STEPS" "$OUT"
+run_section profile 90 "$PYTHON" bench/step_profile.py --device "$DEVICE" --config "$CONFIG" --batch "$BATCH" --dtype bf16 \
+  --optimizer adamw --llama-shaped --compile --steps "$PROFILE_STEPS" --out "$OUT/step_profile"
 run_section fp16 100 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype fp16 --configs "$CONFIG" --batch "$BATCH" \
   $COMPILE_FP16 --no-hf $STEPS --out "$OUT/train_speed_fp16"
 run_section hf_compile 110 "$PYTHON" bench/train_speed.py --device "$DEVICE" --dtype bf16 --configs "$CONFIG" --batch "$BATCH" \
@@ -235,6 +241,13 @@ if m:
         lines.append(f"  - {row['config']}: measured {row['measured_tensor_peak'] / 2**20:.0f} MiB, estimate {row['estimate'] / 2**20:.0f} MiB ({row['error']:+.1%})")
 else:
     lines.append("- memory: no result (see memory.log)")
+prof = load("step_profile.json")
+if prof:
+    top = ", ".join(f"{r['name'][:40]} {r['us_per_step'] / 1000:.1f} ms" for r in prof["rows"][:3])
+    lines.append(f"- compiled bf16 step under the profiler ({prof['step_ms']:.0f} ms a step): GPU time "
+                 + ", ".join(f"{k} {v:.0%}" for k, v in sorted(prof["shares"].items(), key=lambda kv: -kv[1])) + f"; top kernels: {top}")
+else:
+    lines.append("- profile: no result (see profile.log)")
 plan, report = load("pretrain_plan.json"), os.path.join(out, "pretrain_report.md")
 if plan and os.path.exists(report):
     cells = (ln.strip().strip("|").split("|") for ln in open(report) if ln.startswith("| "))

@@ -51,6 +51,8 @@ from budgetlm.pretrain import _loss as pretrain_loss  # noqa: E402  (pretrain's 
 # 2048, context 128) up to ~20 min, 3 x 192 (vocabulary 4096, context 256) at 1 h.
 LLAMA_SHAPED = dict(tie_embeddings=True, qk_norm=False)  # what HF LlamaForCausalLM computes
 CONFIGS = {
+    # 1 x 64, the plan's smallest candidate (its 90 s choice on a CPU without fast bf16)
+    "cpu-0.2m": (dict(n_layer=1, n_head=1, n_embd=64, seq_len=128, vocab_size=1024, **LLAMA_SHAPED), 16),
     "cpu-0.7m": (dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, vocab_size=2048, **LLAMA_SHAPED), 16),
     "cpu-3m": (dict(n_layer=3, n_head=3, n_embd=192, seq_len=256, vocab_size=4096, **LLAMA_SHAPED), 8),
     "cpu-10m": (dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=8192, **LLAMA_SHAPED), 8),

@@ -228,11 +228,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # Head counts come from the projections' shapes, not the config: under tensor parallelism
         # wq/wk/wv are column shards holding n_head / tp heads on each rank.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.q_norm is not None:
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hs)
+        if self.q_norm is not None:  # before the transpose: the norm reads contiguous rows (the same values)
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         is_causal = self.causal and T > 1

@@ -90,7 +90,8 @@ EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
 # then stepped 1.35x faster than eager, 3 x 192 31 s / 1.20x, 6 x 384 44 s / 1.24x, 8 x 512 60 s /
 # 1.22x. (Before the eager step got its chunked loss and cheaper attention, the first three gained
 # 1.72x, 1.41x and 1.16x.) The compile runs on the clock, so it is chosen only where it buys
-# COMPILE_MIN_GAIN more tokens: from about 5 minutes at width 128, 10 minutes at 192.
+# COMPILE_MIN_GAIN more tokens: in bf16 from about 5 minutes at width 128, 10 minutes at 192; in fp32,
+# where it gains less (see cpu_compile_speedup), from about an hour at width 128 and not at 384 and up.
 CPU_COMPILE_BASE_S, CPU_COMPILE_PER_LAYER_S = 33.0, 5.0
 # torch.compile on a GPU, always on: measured on an H200 (torch 2.11, bench/results/gpu/notes.md), the first
 # step came 17 s into a 60 s run of a 7-layer model and 22 s into timing a 12-layer one; the compiled
@@ -246,10 +247,16 @@ def gpu_compile_seconds(cfg: ModelConfig) -> float:
     return GPU_COMPILE_BASE_S + GPU_COMPILE_PER_LAYER_S * cfg.n_layer
 
 
-def cpu_compile_speedup(cfg: ModelConfig) -> float:
-    """Compiled over eager step speed on a CPU: about 1.22x from width 192 to 512 (fused elementwise
-    work around the matmuls), more for the narrowest models, whose step is mostly such work."""
-    return 1.22 + 0.13 * (128 / max(cfg.n_embd, 128)) ** 4  # not extrapolated below the narrowest measured
+def cpu_compile_speedup(cfg: ModelConfig, precision: str = "bf16") -> float:
+    """Compiled over eager step speed on a CPU: in bf16 about 1.22x from width 192 to 512 (fused
+    elementwise work around the matmuls), more for the narrowest models, whose step is mostly such work.
+    In fp32 the eager step has fewer casts to lose and its matmuls are the larger share: 1.17x at width
+    128 (2 x 128 with Muon and QK-norm, batch 4096, on one core of an Intel Xeon), 1.16x, 1.10x, 1.05x and
+    1.06x at widths 128, 192, 384 and 512 (bench/results/train_speed.md, the EPYC, AdamW)."""
+    narrow = 128 / max(cfg.n_embd, 128)  # not extrapolated below the narrowest measured
+    if precision == "fp32":
+        return 1.05 + 0.12 * narrow**2
+    return 1.22 + 0.13 * narrow**4
 
 
 def have_cpp_compiler() -> bool:
@@ -385,7 +392,7 @@ class Planner:
         fp32, bf16 = (self.tokens_per_s(cfg, micro, p, optimizer) for p in ("fp32", "bf16"))
         return (bf16, "bf16", {"fp32": fp32, "bf16": bf16}) if bf16 > 1.05 * fp32 else (fp32, "fp32", {"fp32": fp32, "bf16": bf16})
 
-    def compile_pays(self, cfg: ModelConfig, seconds: float, preference: str = "auto") -> bool:
+    def compile_pays(self, cfg: ModelConfig, seconds: float, preference: str = "auto", precision: str = "bf16") -> bool:
         """Whether to torch.compile: asked for ("true"), always on a GPU unless told not to, and on a CPU
         under "auto" where the compile time, spent on the clock, buys at least COMPILE_MIN_GAIN more
         tokens (causal models only: the masked objective's data-dependent shapes would recompile)."""
@@ -395,20 +402,20 @@ class Planner:
             return True
         if cfg.objective != "causal" or self.world_size > 1 or not have_cpp_compiler():
             return False  # measured for one process only
-        return (seconds - cpu_compile_seconds(cfg)) * cpu_compile_speedup(cfg) >= COMPILE_MIN_GAIN * seconds
+        return (seconds - cpu_compile_seconds(cfg)) * cpu_compile_speedup(cfg, precision) >= COMPILE_MIN_GAIN * seconds
 
-    def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool) -> float:
+    def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool, precision: str = "bf16") -> float:
         """Tokens trained in `seconds` at eager speed `tps`, compiled or not; the compile runs on the clock."""
         if not compiled:
             return tps * seconds
         compile_s = gpu_compile_seconds(cfg) if self.device_type == "cuda" else cpu_compile_seconds(cfg)
-        return tps * self.compile_speedup(cfg) * max(0.0, seconds - compile_s)
+        return tps * self.compile_speedup(cfg, precision) * max(0.0, seconds - compile_s)
 
-    def compile_speedup(self, cfg: ModelConfig) -> float:
+    def compile_speedup(self, cfg: ModelConfig, precision: str = "bf16") -> float:
         """Compiled over timed speed; a GPU's speed from its datasheet is already a compiled step's."""
         if self.device_type == "cuda":
             return GPU_COMPILE_SPEEDUP if self.measured else 1.0
-        return cpu_compile_speedup(cfg)
+        return cpu_compile_speedup(cfg, precision)
 
     def search(self, seconds: float, fixed: dict, arch: dict, precision: str, optimizer: str, compile_pref: str = "auto") -> list[Candidate]:
         """Candidates by increasing depth until the predicted loss has risen twice in a row."""
@@ -421,21 +428,22 @@ class Planner:
             if not fits and "n_layer" not in fixed:
                 self.log(f"  depth {depth:2d}: does not fit in {self.memory / 1e9:.0f} GB even with activation checkpointing")
                 break
-            tps = self.speed(cfg, self.probe_micro(cfg), precision, optimizer)[0] if fits else 0.0
+            tps, run_precision = self.speed(cfg, self.probe_micro(cfg), precision, optimizer)[:2] if fits else (0.0, precision)
             if tps <= 0 and "n_layer" in fixed:  # the size asked for does not fit one device: estimate its speed
                 tps = self.world_size * (peak_of(self) or 0) * ASSUMED_GPU_MFU / flops_per_token(cfg)
             if tps <= 0:
                 break  # does not fit in memory: larger ones will not either
             n = total_params(cfg)
-            compiled = self.compile_pays(cfg, seconds, compile_pref)
-            tokens = self.tokens_in(cfg, tps, seconds, compiled)
+            compiled = self.compile_pays(cfg, seconds, compile_pref, run_precision)
+            tokens = self.tokens_in(cfg, tps, seconds, compiled, run_precision)
             unique, cap = self.unique_tokens(cfg), self.data_cap(cfg, n)
             capped = tokens > cap  # the run would end when the data is used up, before the deadline
             if capped and compiled and compile_pref == "auto" and self.device_type != "cuda":  # compile only if it ends sooner
-                compiled = cpu_compile_seconds(cfg) + cap / (tps * self.compile_speedup(cfg)) < cap / tps
+                compiled = cpu_compile_seconds(cfg) + cap / (tps * self.compile_speedup(cfg, run_precision)) < cap / tps
             tokens = min(tokens, cap)
             c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens, unique), compiled)
-            speed = f"{tps:,.0f} tokens/s" + (f" eager, x{self.compile_speedup(cfg):.2f} compiled" if compiled and self.measured else "")
+            speedup = self.compile_speedup(cfg, run_precision)
+            speed = f"{tps:,.0f} tokens/s" + (f" eager, x{speedup:.2f} compiled" if compiled and self.measured else "")
             passes = f" ({tokens / unique:.1f} passes over the data{', its limit' if capped else ''})" if unique else ""
             self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens{passes}, predicted loss {c.loss:.3f}")
             best = min((x.loss for x in out), default=math.inf)
@@ -533,13 +541,14 @@ def make_plan(
         measured = ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in speeds.items())
         rule = f"the faster on this device ({measured})" if len(speeds) > 1 else "bf16 autocast on GPUs, fp32 on CPUs unless timed"
         reasons.append(Reason("train.precision", run_precision, rule))
-    tokens = planner.tokens_in(model, tps, budget.limit * (1 - reserve - EVAL_SHARE), best.compile) if budget.kind == "time" else best.tokens
+    seconds_left = budget.limit * (1 - reserve - EVAL_SHARE)
+    tokens = planner.tokens_in(model, tps, seconds_left, best.compile, run_precision) if budget.kind == "time" else best.tokens
     unique, cap, data_limit = planner.unique_tokens(model), planner.data_cap(model, best.params), 0
     if budget.kind == "time" and tokens > cap:
         data_limit = max(1, math.ceil(cap))  # the run ends there, before the deadline
         tokens = data_limit
     if best.compile:
-        tps *= planner.compile_speedup(model)  # what the compiled steps run at, once compiled
+        tps *= planner.compile_speedup(model, run_precision)  # what the compiled steps run at, once compiled
 
     for key in ("n_layer", "n_embd", "n_head"):
         if key not in fixed_model:
@@ -576,7 +585,8 @@ def make_plan(
         train["compile"] = "true"
         rule = (
             f"torch.compile on this CPU: about {cpu_compile_seconds(model):.0f} s to compile, on the clock, for "
-            f"{cpu_compile_speedup(model):.2f}x the eager speed (fit to this project's measurements at widths 128-512)"
+            f"{cpu_compile_speedup(model, run_precision):.2f}x the eager speed in {run_precision} "
+            "(fit to this project's measurements at widths 128-512)"
         )
         reasons.append(Reason("train.compile", "true", rule))
     if best.compile and planner.device_type == "cuda" and budget.kind == "time" and "compile" not in fixed_train:

@@ -48,15 +48,16 @@ def test_rules_grow_with_the_budget_and_land_on_known_anchors():
 class FakePlanner(P.Planner):
     """A device whose speed follows a fixed law: per-step overhead plus FLOPs at a fixed rate."""
 
-    def __init__(self, overhead_s=0.02, flops=5e10, **kw):
+    def __init__(self, overhead_s=0.02, flops=5e10, bf16_speedup=1.0, **kw):
         super().__init__(torch.device("cpu"), **kw)
-        self.overhead_s, self.flops = overhead_s, flops
+        self.overhead_s, self.flops, self.bf16_speedup = overhead_s, flops, bf16_speedup
         self.timed = []
 
     def tokens_per_s(self, cfg, micro, precision, optimizer):
         self.timed.append(cfg.n_layer)
         tokens = micro * cfg.seq_len
-        return tokens / (self.overhead_s * cfg.n_layer + tokens * P.flops_per_token(cfg) / self.flops)
+        rate = self.flops * (self.bf16_speedup if precision == "bf16" else 1.0)
+        return tokens / (self.overhead_s * cfg.n_layer + tokens * P.flops_per_token(cfg) / rate)
 
 
 def test_time_budget_picks_the_lowest_predicted_loss_and_stops_past_it():
@@ -77,18 +78,28 @@ def test_time_budget_picks_the_lowest_predicted_loss_and_stops_past_it():
 
 def test_cpu_compile_is_chosen_only_where_its_time_on_the_clock_pays(monkeypatch):
     monkeypatch.setattr(P, "have_cpp_compiler", lambda: True)
-    short, long = P.make_plan("90s", FakePlanner(vocab_cap=8192)), P.make_plan("20m", FakePlanner(vocab_cap=8192))
+
+    def bf16_cpu(**kw):  # a CPU whose bf16 matmuls are fast: the plan trains in bf16 there
+        return FakePlanner(vocab_cap=8192, bf16_speedup=2.0, **kw)
+
+    short, long = P.make_plan("90s", bf16_cpu()), P.make_plan("20m", bf16_cpu())
+    assert long.train["precision"] == "bf16"
     assert "compile" not in short.train and long.train["compile"] == "true"
     assert "train.compile" in {r.key for r in long.reasons}
     m = ModelConfig(**P.shape(long.model["n_layer"]), vocab_size=long.vocab_size)
     eager_tokens = long.tokens_per_s / P.cpu_compile_speedup(m) * 20 * 60 * (1 - 0.03 - P.EVAL_SHARE)
     assert long.tokens < eager_tokens * P.cpu_compile_speedup(m)  # the compile's seconds are taken off the budget
     assert long.tokens >= P.COMPILE_MIN_GAIN * eager_tokens * 0.99
-    assert P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_train={"compile": "false"}).train["compile"] == "false"
-    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192), fixed_model={"objective": "masked"}).train
-    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192, world_size=2)).train  # measured on one process
+    assert P.make_plan("20m", bf16_cpu(), fixed_train={"compile": "false"}).train["compile"] == "false"
+    assert "compile" not in P.make_plan("20m", bf16_cpu(), fixed_model={"objective": "masked"}).train
+    assert "compile" not in P.make_plan("20m", bf16_cpu(world_size=2)).train  # measured on one process
+    # in fp32 compiling gains less (fewer casts to fuse away), so it pays only on longer budgets
+    for width in (128, 192, 512):
+        assert P.cpu_compile_speedup(ModelConfig(n_embd=width), "fp32") < P.cpu_compile_speedup(ModelConfig(n_embd=width), "bf16")
+    fp32_20m, fp32_2h = (P.make_plan(b, FakePlanner(vocab_cap=8192), fixed_model={"n_layer": 2}) for b in ("20m", "2h"))  # width 128
+    assert fp32_20m.train["precision"] == "fp32" and "compile" not in fp32_20m.train and fp32_2h.train["compile"] == "true"
     monkeypatch.setattr(P, "have_cpp_compiler", lambda: False)
-    assert "compile" not in P.make_plan("20m", FakePlanner(vocab_cap=8192)).train
+    assert "compile" not in P.make_plan("20m", bf16_cpu()).train
     assert P.cpu_compile_speedup(ModelConfig(n_embd=128)) > P.cpu_compile_speedup(ModelConfig(n_embd=512)) > 1
 
 
