@@ -113,10 +113,15 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
+_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # PyTorch >= 2.8
+
+
 def _own_rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Eager fp32 training on a CPU, where PyTorch's RMSNorm has a fused forward kernel but composes its
-    backward from a dozen elementwise ops. Compiled graphs, other devices and sharded (DTensor)
-    inputs keep `F.rms_norm`."""
+    backward from a dozen elementwise ops. Compiled graphs, other devices, sharded (DTensor) inputs
+    and PyTorch without the fused forward keep `F.rms_norm`."""
+    if not _HAS_FUSED_RMS_NORM:
+        return False
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     plain = not hasattr(x, "device_mesh") and (weight is None or not hasattr(weight, "device_mesh"))
     return needs_grad and plain and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
