@@ -6,14 +6,16 @@ to memory, upcasts it to fp32, writes its log-softmax, and in the backward pass 
 model's step, each bound by memory bandwidth. On a CPU at 2-14M parameters these passes were 14-23%
 of a bf16 training step (torch.profiler: `_log_softmax`, its backward, the fp32 upcast and the fill).
 
-Here the rows go through in chunks small enough to stay in cache: for each chunk the logits are
-made, the loss taken, and the gradient of the logits (softmax minus one-hot, over the number of
-counted targets) turned at once into the gradients of the hidden states (`g W`) and of the weight
-(`g^T h`), so no (N, V) tensor ever exists. The backward pass only scales the stored gradients by
-the incoming one. The matmuls are the same three the plain way does, in the same precision (under
-autocast the chunk's matmuls run in the autocast dtype, as `nn.Linear`'s would); the softmax is in
-fp32 either way. This is the idea of Liger Kernel's fused linear cross-entropy (Hsu et al. 2024),
-in plain PyTorch.
+Here the logits are made in one matmul, in the compute dtype, and then turned in place, chunk by
+chunk of rows small enough to stay in cache, into their own gradient: one exp per logit gives both
+the loss (log Z minus the target's logit) and the softmax, which less the one-hot and over the number
+of counted targets is the gradient. No fp32 copy, log-softmax or zero-filled gradient of the (N, V)
+matrix is written. The gradients of the hidden states (`g W`) and of the weight (`g^T h`) are made in
+the forward pass (per chunk while it is in cache, in fp32 on a CPU when chunks have enough rows;
+otherwise as two whole-matrix products), and the backward pass only scales them by the incoming
+gradient. The matmuls are the same three the plain way does, in the same precision (under autocast
+in the autocast dtype, as `nn.Linear`'s would); the softmax is in fp32 either way. This is the idea
+of Liger Kernel's fused linear cross-entropy (Hsu et al. 2024), in plain PyTorch.
 
 It needs the loss to be the last thing computed from the logits, which holds for pretraining; the
 tensor-parallel loss (logits sharded over the vocabulary) and pipeline stages keep the plain path.

@@ -129,7 +129,8 @@ def _own_rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None) -> bool
 
 class _RMSNormCPU(torch.autograd.Function):
     """RMSNorm over the last dimension: PyTorch's fused forward, which also returns 1 / rms, and the
-    backward written out, dx = (g - x_hat mean(g x_hat)) / rms with g = dy * weight, in five passes.
+    backward written out, dx = (g - x_hat mean(g x_hat)) / rms with g = dy * weight, in seven operations
+    where autograd of PyTorch's composite formula takes about twenty.
     On one core of an Intel Xeon (torch 2.13, fp32, 16 x 128 x 128) forward + backward took 2.8 ms
     against 4.0 for `F.rms_norm`: a 0.7M-parameter model's step has five norms, and nine with QK-norm."""
 

@@ -5,6 +5,7 @@ The update is `torch.optim.Muon`'s (Jordan et al. 2024; PyTorch >= 2.9), term fo
     B <- mu B + (1 - mu) G                       momentum buffer (a lerp, as torch does)
     U <- (1 - mu) G + mu B  (Nesterov)  or  B
     O <- NS5(U / ||U||)                          quintic Newton-Schulz in bf16, on the wide orientation
+                                                 (fp32 on CPUs without fast bf16: `ns_dtype`)
     W <- (1 - lr wd) W - lr s O                  s = 0.2 sqrt(max(fan_out, fan_in)) ("match_rms_adamw",
                                                  Liu et al. 2025) or sqrt(max(1, fan_out / fan_in))
 
