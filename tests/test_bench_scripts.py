@@ -96,6 +96,22 @@ def test_train_speed_bench_smoke(tmp_path):
     assert all(sizes["tie_embeddings"] and not sizes["qk_norm"] for sizes, _ in configs.values())
 
 
+def test_step_profile_bench_classes_the_step_and_writes_json(tmp_path):
+    """bench/step_profile.py (also gpu.sh's profile section): budgetlm's own step under the profiler, by
+    operator and class; the matmuls are found and the classes' shares add up to the whole."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "bench" / "step_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--config", "smoke", "--steps", "1", "--rows", "3", "--out", str(tmp_path / "p")]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["step_ms"] > 0 and result["optimizer"] == "muon" and not result["compiled"]
+    assert result["shares"]["matmul"] > 0 and abs(sum(result["shares"].values()) - 1) < 1e-3
+    assert mod.kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul" and mod.kernel_class("flash_fwd_kernel") == "attention"
+    assert mod.kernel_class("multi_tensor_apply_kernel") == "optimizer" and mod.kernel_class("triton_poi_fused_mul_0") == "other"
+
+
 @pytest.mark.slow
 def test_train_speed_bench_compiled_rows(tmp_path):
     """--compile / --compile-hf: each compiles its model together with its loss and gets a row."""
