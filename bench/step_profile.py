@@ -71,8 +71,7 @@ def main(argv=None) -> int:
     batch = args.batch or batch
     torch.manual_seed(0)
     model = Transformer.build(cfg, device)
-    precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
-    optimizer = build_optimizer(model, TrainConfig(optimizer=args.optimizer, lr=1e-3, precision=precision), device.type)
+    optimizer = build_optimizer(model, TrainConfig(optimizer=args.optimizer, lr=1e-3, precision=args.dtype), device.type)
     loss_fn = torch.compile(compute_loss) if args.compile else compute_loss
     low = DTYPES[args.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
