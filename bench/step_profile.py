@@ -24,14 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_speed import CONFIGS  # noqa: E402
+from train_speed import CONFIGS, DTYPES  # noqa: E402
 
 from budgetlm.config import ModelConfig, TrainConfig  # noqa: E402
 from budgetlm.model import Transformer, compute_loss  # noqa: E402
 from budgetlm.optim import build_optimizer  # noqa: E402
 from budgetlm.train_step import train_step  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # substrings of kernel / operator names -> class (first match wins)
 CLASSES = (
     ("attention", ("flash", "attention", "fmha", "sdpa")),
