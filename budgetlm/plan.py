@@ -392,7 +392,7 @@ class Planner:
         fp32, bf16 = (self.tokens_per_s(cfg, micro, p, optimizer) for p in ("fp32", "bf16"))
         return (bf16, "bf16", {"fp32": fp32, "bf16": bf16}) if bf16 > 1.05 * fp32 else (fp32, "fp32", {"fp32": fp32, "bf16": bf16})
 
-    def compile_pays(self, cfg: ModelConfig, seconds: float, preference: str = "auto", precision: str = "bf16") -> bool:
+    def compile_pays(self, cfg: ModelConfig, seconds: float, preference: str, precision: str) -> bool:
         """Whether to torch.compile: asked for ("true"), always on a GPU unless told not to, and on a CPU
         under "auto" where the compile time, spent on the clock, buys at least COMPILE_MIN_GAIN more
         tokens (causal models only: the masked objective's data-dependent shapes would recompile)."""
@@ -404,14 +404,14 @@ class Planner:
             return False  # measured for one process only
         return (seconds - cpu_compile_seconds(cfg)) * cpu_compile_speedup(cfg, precision) >= COMPILE_MIN_GAIN * seconds
 
-    def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool, precision: str = "bf16") -> float:
+    def tokens_in(self, cfg: ModelConfig, tps: float, seconds: float, compiled: bool, precision: str) -> float:
         """Tokens trained in `seconds` at eager speed `tps`, compiled or not; the compile runs on the clock."""
         if not compiled:
             return tps * seconds
         compile_s = gpu_compile_seconds(cfg) if self.device_type == "cuda" else cpu_compile_seconds(cfg)
         return tps * self.compile_speedup(cfg, precision) * max(0.0, seconds - compile_s)
 
-    def compile_speedup(self, cfg: ModelConfig, precision: str = "bf16") -> float:
+    def compile_speedup(self, cfg: ModelConfig, precision: str) -> float:
         """Compiled over timed speed; a GPU's speed from its datasheet is already a compiled step's."""
         if self.device_type == "cuda":
             return GPU_COMPILE_SPEEDUP if self.measured else 1.0
@@ -435,14 +435,14 @@ class Planner:
                 break  # does not fit in memory: larger ones will not either
             n = total_params(cfg)
             compiled = self.compile_pays(cfg, seconds, compile_pref, run_precision)
+            speedup = self.compile_speedup(cfg, run_precision)
             tokens = self.tokens_in(cfg, tps, seconds, compiled, run_precision)
             unique, cap = self.unique_tokens(cfg), self.data_cap(cfg, n)
             capped = tokens > cap  # the run would end when the data is used up, before the deadline
             if capped and compiled and compile_pref == "auto" and self.device_type != "cuda":  # compile only if it ends sooner
-                compiled = cpu_compile_seconds(cfg) + cap / (tps * self.compile_speedup(cfg, run_precision)) < cap / tps
+                compiled = cpu_compile_seconds(cfg) + cap / (tps * speedup) < cap / tps
             tokens = min(tokens, cap)
             c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens, unique), compiled)
-            speedup = self.compile_speedup(cfg, run_precision)
             speed = f"{tps:,.0f} tokens/s" + (f" eager, x{speedup:.2f} compiled" if compiled and self.measured else "")
             passes = f" ({tokens / unique:.1f} passes over the data{', its limit' if capped else ''})" if unique else ""
             self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens{passes}, predicted loss {c.loss:.3f}")
