@@ -158,7 +158,9 @@ class TrainConfig:
 @dataclass
 class BudgetConfig:
     limit: str = opt("300s", "wall-clock (24h, 90m, 300s), tokens:N or steps:N")
-    reserve: float = opt(0.03, "fraction of a wall-clock budget kept for the final evaluation and save")
+    reserve: float = opt(
+        0.005, "least fraction of a wall-clock budget kept for the final evaluation and save (more when their measured cost is more)"
+    )
     max_tokens: int = opt(
         0, "a wall-clock run also ends after this many tokens, its schedule at whichever comes first (the plan sets it where the "
         "training text supports fewer passes than the time buys); 0 = no such limit"

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from budgetlm.budget import Budget, parse_budget
-from budgetlm.config import ModelConfig, RunConfig, TrainConfig
+from budgetlm.config import BudgetConfig, ModelConfig, RunConfig, TrainConfig
 from budgetlm.errors import UserError
 from budgetlm.memory import count_params
 from budgetlm.model import padded_vocab_size
@@ -482,7 +482,7 @@ def make_plan(
     *,
     fixed_model: dict | None = None,
     fixed_train: dict | None = None,
-    reserve: float = 0.03,
+    reserve: float = BudgetConfig.reserve,
     target_params: float = 0,
 ) -> Plan:
     """The configuration for `budget` on the planner's device; `fixed_*` are the user's own keys."""

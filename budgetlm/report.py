@@ -116,8 +116,8 @@ def write_report(run_dir: Path, cfg, summary: dict, samples: list[tuple[str, str
         "The wall-clock budget counts everything from the first training step to the final save:",
         "data loading, compile warm-up, periodic evaluation and checkpoints. Model building and the",
         "one-off peak-FLOP/s measurement happen before the clock starts, and so does choosing the model",
-        "for the budget (timing candidate models, cached per machine) and deriving its vocabulary. A reserve of the budget",
-        "(`budget.reserve`) is kept for the final evaluation and save.",
+        "for the budget (timing candidate models, cached per machine) and deriving its vocabulary. The end of the budget",
+        "is kept for the final evaluation and save: their measured cost with a margin, or `budget.reserve` of it if more.",
         "",
     ]
     return write_text_atomic(run_dir / "report.md", "\n".join(lines))

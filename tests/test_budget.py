@@ -3,6 +3,7 @@
 import pytest
 
 from budgetlm.budget import Budget, Clock, format_seconds, parse_budget
+from budgetlm.config import BudgetConfig
 from budgetlm.errors import UserError
 
 
@@ -205,3 +206,13 @@ def test_tail_survives_resume():
     resumed = Clock(Budget("time", 10.0), time_fn=ft)
     resumed.load_state_dict(clock.state_dict())
     assert resumed.usable_seconds == pytest.approx(7.0)
+
+
+def test_default_reserve_keeps_the_measured_tail_not_a_share_of_the_budget():
+    """A 20-minute run whose final evaluation and save measure 3 s trains until about 4 s before the
+    deadline: a fixed 3% share would have left 36 s of the budget unused (0.97 of it trained)."""
+    clock = Clock(Budget("time", 1200.0), reserve=BudgetConfig().reserve, time_fn=FakeTime())
+    clock.expect_tail(1.25 * 3.0)
+    assert clock.usable_seconds >= 1190.0
+    clock.expect_tail(1.25 * 40.0)  # a big model's save: the measured tail still wins
+    assert clock.usable_seconds == pytest.approx(1150.0)

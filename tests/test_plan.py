@@ -11,7 +11,7 @@ import torch
 
 from budgetlm import plan as P
 from budgetlm.cli import main
-from budgetlm.config import ModelConfig
+from budgetlm.config import BudgetConfig, ModelConfig
 from budgetlm.continued import init_from_config
 from budgetlm.model import Transformer
 from budgetlm.pretrain import pretrain, resolve_config, resume_config
@@ -87,7 +87,7 @@ def test_cpu_compile_is_chosen_only_where_its_time_on_the_clock_pays(monkeypatch
     assert "compile" not in short.train and long.train["compile"] == "true"
     assert "train.compile" in {r.key for r in long.reasons}
     m = ModelConfig(**P.shape(long.model["n_layer"]), vocab_size=long.vocab_size)
-    eager_tokens = long.tokens_per_s / P.cpu_compile_speedup(m) * 20 * 60 * (1 - 0.03 - P.EVAL_SHARE)
+    eager_tokens = long.tokens_per_s / P.cpu_compile_speedup(m) * 20 * 60 * (1 - BudgetConfig.reserve - P.EVAL_SHARE)
     assert long.tokens < eager_tokens * P.cpu_compile_speedup(m)  # the compile's seconds are taken off the budget
     assert long.tokens >= P.COMPILE_MIN_GAIN * eager_tokens * 0.99
     assert P.make_plan("20m", bf16_cpu(), fixed_train={"compile": "false"}).train["compile"] == "false"
