@@ -53,7 +53,11 @@ from budgetlm.model import padded_vocab_size
 ASPECT = 64  # width per layer: nanochat's model_dim = 64 x depth
 HEAD_DIM = 64
 MAX_DEPTH = 40
-MIN_SEQ, MAX_SEQ = 128, 2048
+# context: the next power of two at or above the width (GPT-2 small 768 -> 1024), at least MIN_SEQ. On one
+# Xeon core, 2 x 128 at 20 minutes scored 1.864 bits per byte with a 256-token context against 1.874 with
+# 128, in 3% fewer tokens (bench/results/quality_xeon.md): the narrowest models' attention is cheap, and
+# held-out text is read in windows of the context, so a longer one gives every token more to go on
+MIN_SEQ, MAX_SEQ = 256, 2048
 # Hoffmann et al. 2022 ("Chinchilla"), approach 3: L = E + A / N^alpha + B / D^beta. Measured here at 90 s
 # on a CPU (bench/results/quality.md): depth 1 / 2 / 3 reached 2.29 / 2.16 / 2.31 bits per byte; these
 # constants rank them the same way, while the replication's (Besiroglu et al. 2024: 1.82, 482, 2085,
@@ -555,7 +559,8 @@ def make_plan(
             family = f"depth {best.depth} of the one-knob family (width 64 x depth, 64-wide heads)"
             reasons.append(Reason(f"model.{key}", getattr(model, key), f"{family}: {why}"))
     if "seq_len" not in fixed_model:
-        reasons.append(Reason("model.seq_len", model.seq_len, "the next power of two at or above the width, 128..2048 (GPT-2 small 768 -> 1024)"))
+        rule = f"the next power of two at or above the width, {MIN_SEQ}..{MAX_SEQ} (GPT-2 small 768 -> 1024; 256 measured better at width 128)"
+        reasons.append(Reason("model.seq_len", model.seq_len, rule))
     if "vocab_size" not in fixed_model:
         raw = vocab_rule(non_embedding_params(model))
         rule = f"Tao et al. 2024: V grows as sqrt(non-embedding parameters), {VOCAB_ANCHOR} at {VOCAB_ANCHOR_NNV / 1e6:.2f}M (measured here)"

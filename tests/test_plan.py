@@ -31,7 +31,7 @@ def test_parameter_and_flop_counts_match_the_model():
 
 
 def test_rules_grow_with_the_budget_and_land_on_known_anchors():
-    assert [P.shape(d)["seq_len"] for d in (1, 2, 6, 12, 20, 40)] == [128, 128, 512, 1024, 2048, 2048]
+    assert [P.shape(d)["seq_len"] for d in (1, 2, 6, 12, 20, 40)] == [256, 256, 512, 1024, 2048, 2048]
     assert P.shape(12) == {"n_layer": 12, "n_embd": 768, "n_head": 12, "seq_len": 1024}  # GPT-2 small
     assert P.vocab_rule(P.VOCAB_ANCHOR_NNV) == P.VOCAB_ANCHOR
     vocabs = [P.vocab_rule(n) for n in (1e5, 1e6, 1e7, 1e8, 1e9)]
@@ -196,9 +196,9 @@ def test_plan_command_times_this_cpu(capsys, tmp_path, monkeypatch, prepared_bpe
 def test_a_run_whose_text_runs_out_before_the_deadline_stops_there(prepared_bpe, tmp_path, monkeypatch):
     monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(P, "MAX_PASSES", 0.05)  # so that a few steps use up what this small text supports
-    cfg = resolve_config(None, "30s", ["model.n_layer=1", "train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
+    cfg = resolve_config(None, "30s", ["model.n_layer=1", "model.seq_len=128", "train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
     run = tmp_path / "run"
-    summary = pretrain(cfg, run, user_keys={"model.n_layer"})
+    summary = pretrain(cfg, run, user_keys={"model.n_layer", "model.seq_len"})
     plan = json.loads((run / "plan.json").read_text())
     assert 0 < plan["data_limit"] < plan["tokens_per_s"] * 30
     saved = load_run(run).config
