@@ -169,6 +169,7 @@ class Plan:
     data_limit: int = 0  # > 0: the text supports fewer tokens than the time buys; the run trains this many
     reasons: list[Reason] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
+    cpu_wait: float = 0  # > 0: other work disturbed the timings; their threads waited this share of the time for a CPU
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -310,6 +311,7 @@ class Planner:
         self.log = log or (lambda msg: None)
         self.device_type = device.type if device is not None else "cuda"
         self.measured = device is not None
+        self.cpu_wait = 0.0  # the most a disturbed timing's threads waited for a CPU, as a share of their time
 
     @staticmethod
     def _default_memory(device, gpu_name: str) -> float:
@@ -367,8 +369,12 @@ class Planner:
 
         while True:
             try:
-                seconds = step_seconds(cfg, micro, precision=precision, optimizer=optimizer, device=self.device)
-                return self.world_size * micro * cfg.seq_len / seconds
+                timing = step_seconds(cfg, micro, precision=precision, optimizer=optimizer, device=self.device)
+                if not timing.clean:
+                    if not self.cpu_wait:
+                        self.log(f"  note: {contention_note(timing.waited)}")
+                    self.cpu_wait = max(self.cpu_wait, timing.waited)
+                return self.world_size * micro * cfg.seq_len / timing.seconds
             except torch.OutOfMemoryError:
                 if micro == 1:
                     return 0.0
@@ -642,6 +648,7 @@ def make_plan(
         device_memory=planner.memory,
         data_tokens=unique,
         data_limit=data_limit,
+        cpu_wait=round(planner.cpu_wait, 3),
         reasons=reasons,
         candidates=[
             {
@@ -693,6 +700,13 @@ def apply_plan(cfg: RunConfig, plan: Plan, keep_max_tokens: bool = False) -> Non
         cfg.budget.max_tokens = plan.data_limit
 
 
+def contention_note(waited: float) -> str:
+    return (
+        f"other work shared the CPUs while candidates were timed (their threads waited up to {waited:.0%} of the time for one); "
+        "the waits were taken off and those timings not cached, but the choice is surer on an idle machine"
+    )
+
+
 def format_plan(plan: Plan) -> str:
     m, t = plan.model, plan.train
     lines = [
@@ -719,6 +733,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"        with {', '.join(savers)}")
         if "layout" in plan.memory:
             lines.append(f"        does not fit one device: shard it with FSDP2 over {plan.memory['layout']['dp_shard']} devices (parallel.dp_shard)")
+    if plan.cpu_wait:
+        lines.append(f"note    {contention_note(plan.cpu_wait)}")
     lines += ["why:", *[f"  {r.key} = {r.value}: {r.rule}" for r in plan.reasons]]
     if len(plan.candidates) > 1:
         lines.append("candidates (depth: parameters, tokens/s, tokens in the budget, predicted loss):")

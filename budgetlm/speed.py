@@ -7,6 +7,14 @@ model half the size is far less than twice as fast. So we time it: a few real op
 (forward, backward, clipping, optimizer) of the candidate at its micro-batch, on random tokens,
 after two warm-up steps, keeping the median of three.
 
+Other work on the machine distorts such a timing, and unevenly: a candidate timed while another
+program held the core looks slower than the next larger one, and the plan picks the wrong model
+(seen: a demo started beside the test suite chose 3 x 192 over 2 x 128 and lost 0.3 bits per byte).
+On Linux the kernel counts, per thread, the time it was ready to run but waited for a CPU
+(`/proc/self/task/*/schedstat`); a step whose threads waited is timed again, a few times at most.
+When the machine stays busy, each step's wait is taken off its time, the result is flagged, and it
+is not cached, so a later run on an idle machine times it afresh.
+
 Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
 device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
 configuration, so the second run of a budget on the same machine plans in milliseconds.
@@ -17,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,9 +38,18 @@ from budgetlm.files import write_json
 from budgetlm.hardware import cpu_name
 
 CACHE_FILE = "speed.json"
-METHOD = 6  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
+METHOD = 7  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
 WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
 TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
+MAX_TIMED_STEPS = 9  # steps disturbed by other work are retimed up to this many steps in all
+CLEAN_WAIT = 0.05  # a step is undisturbed when its threads waited for a CPU less than this share of its time
+
+
+@dataclasses.dataclass
+class Timing:
+    seconds: float  # one optimizer step, the time spent waiting for a CPU taken off
+    waited: float  # share of the timed steps' thread time spent waiting for a CPU (median; 0 = an idle machine)
+    clean: bool  # enough undisturbed steps were timed: the result is cached
 
 
 def cache_path() -> Path:
@@ -90,22 +108,53 @@ def step_seconds(
     optimizer: str,
     device: torch.device,
     use_cache: bool = True,
-) -> float:
-    """Seconds of one optimizer step of `model_cfg` on `micro` sequences (no accumulation).
+) -> Timing:
+    """The time of one optimizer step of `model_cfg` on `micro` sequences (no accumulation).
 
     Raises torch.OutOfMemoryError when it does not fit (the caller tries something smaller)."""
     key = _key(device, model_cfg, micro, precision, optimizer)
     if use_cache:
         cached = _read_cache().get(key)
         if isinstance(cached, (int, float)) and cached > 0:
-            return float(cached)
-    seconds = _measure(model_cfg, micro, precision, optimizer, device)
-    if use_cache:
-        _write_cache(key, seconds)
-    return seconds
+            return Timing(float(cached), 0.0, True)
+    timing = _measure(model_cfg, micro, precision, optimizer, device)
+    if use_cache and timing.clean:
+        _write_cache(key, timing.seconds)
+    return timing
 
 
-def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str, device: torch.device) -> float:
+def cpu_wait_seconds() -> float | None:
+    """Seconds this process's threads have spent ready to run but waiting for a CPU (Linux's
+    schedstat); None where the kernel does not say."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1e9
+
+
+def summarise(steps: list[tuple[float, float]], threads: int) -> Timing:
+    """One timing from timed steps' (wall seconds, seconds their threads waited for a CPU): the
+    median undisturbed step where there are enough, otherwise the median step with its wait taken
+    off (spread over the threads: a lower bound of what it cost the step)."""
+    shares = [wait / (wall * threads) for wall, wait in steps]
+    clean = [wall for (wall, _), share in zip(steps, shares) if share < CLEAN_WAIT]
+    if len(clean) >= TIMED_STEPS:
+        return Timing(statistics.median(clean), statistics.median(shares), True)
+    corrected = [max(wall - wait / threads, 0.1 * wall) for wall, wait in steps]
+    return Timing(statistics.median(corrected), statistics.median(shares), False)
+
+
+def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str, device: torch.device) -> Timing:
     from budgetlm.model import Transformer, compute_loss
     from budgetlm.optim import build_optimizer
 
@@ -115,8 +164,10 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
         opt = build_optimizer(model, TrainConfig(optimizer=optimizer, precision=precision), device.type)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         x = torch.randint(0, model_cfg.vocab_size, (micro, model_cfg.seq_len + 1), device=device)
-        times = []
-        for _ in range(WARMUP_STEPS + TIMED_STEPS):
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        steps: list[tuple[float, float]] = []  # (wall seconds, seconds waited for a CPU) of each timed step
+        for i in range(WARMUP_STEPS + MAX_TIMED_STEPS):
+            waited = cpu_wait_seconds()
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = compute_loss(model, x[:, :-1], x[:, 1:])
@@ -127,8 +178,14 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
             loss.item()  # the loop reads the loss every step too
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[WARMUP_STEPS:])
+            wall = time.perf_counter() - start
+            after = cpu_wait_seconds()
+            if i < WARMUP_STEPS:
+                continue
+            steps.append((wall, after - waited if waited is not None and after is not None else 0.0))
+            if summarise(steps, threads).clean:
+                break
+        return summarise(steps, threads)
     finally:
         torch.set_rng_state(rng_state)
         if device.type == "cuda":
