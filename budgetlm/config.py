@@ -137,6 +137,8 @@ class TrainConfig:
     beta2: float = opt(0.95, "AdamW beta2", aliases=("adam_beta2",))
     eps: float = opt(1e-8, "AdamW epsilon", aliases=("adam_epsilon",))
     muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)")
+    embedding_lr_ratio: float = opt(1.0, "the token embedding's learning rate as a multiple of train.lr (tied: the shared matrix's)")
+    head_lr_ratio: float = opt(1.0, "an untied output head's learning rate as a multiple of train.lr")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = off", aliases=("max_grad_norm", "gradient_clip_val"))
     precision: str = opt("auto", "bf16 where supported, fp16 with a scaler on older GPUs, fp32 on CPU", ("auto", "bf16", "fp16", "fp32"))
     compile: str = opt("auto", "torch.compile the model (auto = on GPU only)", ("auto", "true", "false"))

@@ -69,6 +69,40 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: boo
     return [g for g in groups if g["params"]]
 
 
+def is_output_head(name: str) -> bool:
+    """The output projection to the vocabulary (`Transformer.output`, under any wrapper's prefix)."""
+    return name == "output.weight" or (name.endswith(".output.weight") and "layers." not in name)
+
+
+def with_lr_ratios(model: nn.Module, groups: list[dict], cfg: TrainConfig) -> list[dict]:
+    """`groups` with the token embedding and the output head split off at their own rate: train.lr
+    times `embedding_lr_ratio` / `head_lr_ratio`. The ratio stays in the group ("lr_ratio"), where
+    `set_lr` applies it to the scheduled rate. At ratios of 1 the groups stay as they are, so
+    checkpoints of runs that never split them resume.
+
+    Why the embedding differs: its rows are looked up one token at a time, so each row's gradient
+    is sparse and noisy, and Adam's per-coordinate normalisation turns it into steps as large as a
+    dense matrix's; nanochat and modded-nanogpt train the embedding at 10-50x the head's rate."""
+    ratios = {"embedding": cfg.embedding_lr_ratio, "head": cfg.head_lr_ratio}
+    if all(r == 1.0 for r in ratios.values()):
+        return groups
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    role = {}
+    for n, p in model.named_parameters():
+        if id(p) in embedding_ids or is_output_head(n):
+            role.setdefault(id(p), "embedding" if id(p) in embedding_ids else "head")
+    out = []
+    for g in groups:
+        for name, ratio in ratios.items():
+            mine = [p for p in g["params"] if role.get(id(p)) == name]
+            if mine and ratio != 1.0:
+                out.append({**g, "params": mine, "lr": cfg.lr * ratio, "lr_ratio": ratio})
+        rest = [p for p in g["params"] if ratios.get(role.get(id(p), ""), 1.0) == 1.0]
+        if rest:
+            out.append({**g, "params": rest})
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """The optimizer `cfg.optimizer` names, with every group's initial lr at the peak `cfg.lr`.
 
@@ -85,7 +119,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     """
     if cfg.optimizer == "muon":
         return build_muon(model, cfg, device_type)
-    groups = param_groups(model, cfg.weight_decay)
+    groups = with_lr_ratios(model, param_groups(model, cfg.weight_decay), cfg)
     if not groups:
         raise UserError("the model has no trainable parameters")
     if cfg.optimizer == "adamw8bit":
@@ -129,7 +163,7 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str) -> HybridOp
         raise UserError("train.optimizer=muon needs whole matrices on each rank; with FSDP2 or tensor parallelism use train.optimizer=adamw")
     hidden_ids = {id(p) for p in hidden}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in param_groups(model, cfg.weight_decay)]
-    rest = [g for g in rest if g["params"]]
+    rest = with_lr_ratios(model, [g for g in rest if g["params"]], cfg)
     optimizers = []
     if rest:
         optimizers.append(_adamw(rest, cfg, device_type))
@@ -218,13 +252,15 @@ class HybridOptimizer(torch.optim.Optimizer):
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group (in place where it is a tensor, as torchao's
-    8-bit AdamW keeps it, which refuses a float in its place)."""
+    """Set the learning rate of every parameter group: `lr` times the group's own ratio (see
+    `with_lr_ratios`), in place where it is a tensor, as torchao's 8-bit AdamW keeps it, which
+    refuses a float in its place."""
     for group in optimizer.param_groups:
+        group_lr = lr * group.get("lr_ratio", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(group_lr)
         else:
-            group["lr"] = lr
+            group["lr"] = group_lr
 
 
 def check_schedule(cfg: TrainConfig) -> None:

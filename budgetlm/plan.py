@@ -87,6 +87,9 @@ ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU
 # the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md)
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
 DEFAULT_OPTIMIZER = "muon"
+# with Muon, the token embedding's AdamW rate as a multiple of train.lr: 2 x 128 at the 20-minute CPU settings, 600 steps,
+# scored 1.998 bits per byte at 3x and 2.002 at 5x, against 2.026 at 1x and 2.012-2.014 at 10-20x (bench/results/embedding_lr.md)
+MUON_EMBEDDING_LR_RATIO = 3.0
 WARMUP = 0.02
 EVAL_SHARE = 0.03  # of the budget spent on periodic evaluation
 # torch.compile on a CPU, the model and its loss as one graph. Measured on one core of this project's
@@ -592,6 +595,10 @@ def make_plan(
         rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
+    if optimizer == "muon" and "embedding_lr_ratio" not in fixed_train:
+        train["embedding_lr_ratio"] = MUON_EMBEDDING_LR_RATIO
+        rule = "the embedding's rows learn from sparse gradients: measured best at equal steps (bench/results/embedding_lr.md)"
+        reasons.append(Reason("train.embedding_lr_ratio", MUON_EMBEDDING_LR_RATIO, rule))
     if best.compile and "compile" not in fixed_train and planner.device_type != "cuda":
         train["compile"] = "true"
         rule = (
@@ -713,8 +720,9 @@ def format_plan(plan: Plan) -> str:
         f"budget {plan.budget} on {plan.device} ({'speeds measured here' if plan.measured else 'speeds estimated'})",
         f"model   {m['n_layer']} layers x width {m['n_embd']}, {m['n_head']} heads, context {m['seq_len']}, vocabulary {plan.vocab_size:,}: "
         f"{plan.params / 1e6:.2f}M parameters ({plan.non_embedding_params / 1e6:.2f}M outside the embedding)",
-        f"train   batch {t['batch_tokens']:,} tokens = {plan.accumulation} x {plan.micro_batch} sequences, lr {t['lr']:g} ({t['optimizer']}), "
-        f"{t['schedule']} schedule, {t['precision']}",
+        f"train   batch {t['batch_tokens']:,} tokens = {plan.accumulation} x {plan.micro_batch} sequences, lr {t['lr']:g} ({t['optimizer']}"
+        + (f"; embedding x{t['embedding_lr_ratio']:g}" if t.get("embedding_lr_ratio", 1.0) != 1.0 else "")
+        + f"), {t['schedule']} schedule, {t['precision']}",
         f"expect  {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens / 1e6:,.1f}M tokens ({plan.tokens / plan.params:.1f} per parameter"
         + (f", {plan.tokens / plan.data_tokens:.1f} passes over the training text" if plan.data_tokens else "")
         + (", the most it supports: the run stops there" if plan.data_limit else "")

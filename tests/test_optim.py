@@ -259,3 +259,39 @@ def test_adamw8bit_keeps_8_bit_states_and_learns():
     assert losses[-1] < 0.5 * losses[0]
     # torchao quantises tensors of 4096 values or more: the 128 x 64 embedding's moments are 8-bit
     assert "8bit" in type(opt.state[m.tok_embeddings.weight]["exp_avg"]).__name__
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_and_head_rates_are_multiples_of_the_schedule_and_survive_a_checkpoint(optimizer, tmp_path):
+    from budgetlm import checkpoint as ckpt
+    from budgetlm.config import ModelConfig
+    from budgetlm.model import Transformer
+
+    def model(tie):
+        torch.manual_seed(0)
+        return Transformer.build(ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, seq_len=16, tie_embeddings=tie))
+
+    cfg = TrainConfig(optimizer=optimizer, lr=1e-2, embedding_lr_ratio=8.0, head_lr_ratio=0.5)
+    m = model(tie=False)
+    opt = build_optimizer(m, cfg, "cpu")
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(m.tok_embeddings.weight)] == pytest.approx(0.08) and rate[id(m.output.weight)] == pytest.approx(0.005)
+    assert rate[id(m.norm.weight)] == rate[id(m.layers["0"].feed_forward.w1.weight)] == pytest.approx(0.01)
+    set_lr(opt, 1e-3)  # the schedule scales every group, each keeping its ratio
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(m.tok_embeddings.weight)] == pytest.approx(8e-3) and rate[id(m.output.weight)] == pytest.approx(5e-4)
+    assert rate[id(m.norm.weight)] == pytest.approx(1e-3)
+    tied = model(tie=True)  # the shared matrix is the embedding: its ratio wins
+    rate = {id(p): g["lr"] for g in build_optimizer(tied, cfg, "cpu").param_groups for p in g["params"]}
+    assert rate[id(tied.output.weight)] == pytest.approx(0.08)
+    # the ratios are part of the optimizer's state: a resumed run keeps them
+    _steps(m, opt, 2)
+    ckpt.save_checkpoint(tmp_path / "ck", model_state=m.state_dict(), optimizer_state=opt.state_dict(), loop_state={"step": 2})
+    again = model(tie=False)
+    opt_again = build_optimizer(again, cfg, "cpu")
+    ckpt.load_checkpoint(tmp_path / "ck", again, opt_again, restore_rng=False)
+    set_lr(opt, 2e-3), set_lr(opt_again, 2e-3)
+    assert _steps(m, opt, 2, seed=1) == _steps(again, opt_again, 2, seed=1)
+    # ratios of 1 keep the groups as before, so older checkpoints still load
+    plain = build_optimizer(model(tie=False), TrainConfig(optimizer=optimizer, lr=1e-2), "cpu")
+    assert len(plain.param_groups) == (3 if optimizer == "muon" else 2)

@@ -154,6 +154,10 @@ def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
     assert plan.vocab_size == 1024  # the rule wants more; the data has 1024
     assert set(planner.timed) == {3}
     assert not {"model.n_layer", "train.lr", "train.optimizer"} & {r.key for r in plan.reasons}
+    assert "embedding_lr_ratio" not in plan.train  # a rate measured for Muon's AdamW groups, not for AdamW alone
+    muon = P.make_plan("24h", FakePlanner(vocab_cap=1024))
+    assert muon.train["optimizer"] == "muon" and muon.train["embedding_lr_ratio"] == P.MUON_EMBEDDING_LR_RATIO > 1
+    assert P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_train={"embedding_lr_ratio": 2.0}).train["embedding_lr_ratio"] == 2.0
     wordpiece = P.make_plan("24h", FakePlanner(vocab_cap=30000, vocab_derivable=False))
     assert wordpiece.vocab_size == 30000  # not derivable: the prepared vocabulary, whatever the rule
 
