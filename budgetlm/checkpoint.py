@@ -388,10 +388,9 @@ def _load_part(d: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if not any(isinstance(k, str) for k in opt_state.get("state", {})) and opt_state.get("state"):
         raise UserError(f"checkpoint {d} keeps its optimizer state by parameter index (an older format); resume it without pipeline parallelism once")
     mine = set(_param_names(model, optimizer))
-    opt_state = {
-        "state": {k: v for k, v in opt_state["state"].items() if k in mine},
-        "param_groups": [{**g, "params": [n for n in g["params"] if n in mine]} for g in opt_state["param_groups"]],
-    }
+    groups = [{**g, "params": [n for n in g["params"] if n in mine]} for g in opt_state["param_groups"]]
+    # a stage's optimizer has no empty groups: one holding only the embedding or only the head lives on another stage
+    opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k in mine}, "param_groups": [g for g in groups if g["params"]]}
     if not opt_state["state"]:
         optimizer.state.clear()
     elif is_sharded(model):

@@ -595,7 +595,7 @@ def make_plan(
         rule = f"{k} x C^{LR_EXP} (DeepSeek-AI 2024 exponent; constant fit here for {optimizer}; AdamW's gives GPT-2 small's 6e-4 at a GPU day)"
         reasons.append(Reason("train.lr", lr, rule))
     train = {"batch_tokens": batch, "lr": lr, "optimizer": optimizer, "precision": run_precision}
-    if optimizer == "muon" and "embedding_lr_ratio" not in fixed_train:
+    if optimizer == "muon" and not model.tie_embeddings and "embedding_lr_ratio" not in fixed_train:  # measured untied only
         train["embedding_lr_ratio"] = MUON_EMBEDDING_LR_RATIO
         rule = "the embedding's rows learn from sparse gradients: measured best at equal steps (bench/results/embedding_lr.md)"
         reasons.append(Reason("train.embedding_lr_ratio", MUON_EMBEDDING_LR_RATIO, rule))
@@ -709,8 +709,9 @@ def apply_plan(cfg: RunConfig, plan: Plan, keep_max_tokens: bool = False) -> Non
 
 def contention_note(waited: float) -> str:
     return (
-        f"other work shared the CPUs while candidates were timed (their threads waited up to {waited:.0%} of the time for one); "
-        "the waits were taken off and those timings not cached, but the choice is surer on an idle machine"
+        f"other work shared the CPUs while candidates were timed (in the most disturbed timing, its threads waited {waited:.0%} "
+        "of a step for one); those timings were retimed, corrected where they could be, and not cached, but the choice is surer "
+        "on an idle machine"
     )
 
 

@@ -12,8 +12,9 @@ program held the core looks slower than the next larger one, and the plan picks 
 (seen: a demo started beside the test suite chose 3 x 192 over 2 x 128 and lost 0.3 bits per byte).
 On Linux the kernel counts, per thread, the time it was ready to run but waited for a CPU
 (`/proc/self/task/*/schedstat`); a step whose threads waited is timed again, a few times at most.
-When the machine stays busy, each step's wait is taken off its time, the result is flagged, and it
-is not cached, so a later run on an idle machine times it afresh.
+When the machine stays busy, the result is flagged and not cached, so a later run on an idle
+machine times it afresh; on a CPU each step's wait is also taken off its time (a GPU's step is
+paced by the GPU, so its time is kept).
 
 Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
 device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
@@ -48,7 +49,7 @@ CLEAN_WAIT = 0.05  # a step is undisturbed when its threads waited for a CPU les
 @dataclasses.dataclass
 class Timing:
     seconds: float  # one optimizer step, the time spent waiting for a CPU taken off
-    waited: float  # share of the timed steps' thread time spent waiting for a CPU (median; 0 = an idle machine)
+    waited: float  # the median step's share of its threads' time spent waiting for a CPU (0 = an idle machine)
     clean: bool  # enough undisturbed steps were timed: the result is cached
 
 
@@ -123,34 +124,45 @@ def step_seconds(
     return timing
 
 
-def cpu_wait_seconds() -> float | None:
-    """Seconds this process's threads have spent ready to run but waiting for a CPU (Linux's
-    schedstat); None where the kernel does not say."""
+def cpu_wait_seconds() -> dict[str, float] | None:
+    """Seconds each of this process's threads has spent ready to run but waiting for a CPU, by
+    thread id (Linux's schedstat); None where the kernel does not say (no /proc, schedstat files
+    missing, or sched_info compiled out, which reports zero time on CPU)."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return None
-    total = 0
+    waits, ran = {}, 0
     for tid in tids:
         try:
             with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
-                total += int(f.read().split()[1])
+                on_cpu, waited = (int(x) for x in f.read().split()[:2])
         except FileNotFoundError:  # a thread that ended meanwhile
             continue
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             return None
-    return total / 1e9
+        waits[tid], ran = waited / 1e9, ran + on_cpu
+    return waits if ran else None
 
 
-def summarise(steps: list[tuple[float, float]], threads: int) -> Timing:
+def waited_between(before: dict[str, float] | None, after: dict[str, float] | None) -> float:
+    """Seconds waited for a CPU between two `cpu_wait_seconds` readings, by the threads in both."""
+    if before is None or after is None:
+        return 0.0
+    return sum(max(0.0, after[tid] - before[tid]) for tid in before.keys() & after.keys())
+
+
+def summarise(steps: list[tuple[float, float]], threads: int, correct: bool = True) -> Timing:
     """One timing from timed steps' (wall seconds, seconds their threads waited for a CPU): the
-    median undisturbed step where there are enough, otherwise the median step with its wait taken
-    off (spread over the threads: a lower bound of what it cost the step)."""
+    median undisturbed step where there are enough. Otherwise, with `correct`, the median step with
+    its wait, spread over the threads, taken off: exact for one thread, an estimate for several
+    (a worker's wait delays the step only where the others have to wait for it); without, the
+    median step as it was (a GPU's step is paced by the GPU, so a host thread's wait costs it little)."""
     shares = [wait / (wall * threads) for wall, wait in steps]
     clean = [wall for (wall, _), share in zip(steps, shares) if share < CLEAN_WAIT]
     if len(clean) >= TIMED_STEPS:
         return Timing(statistics.median(clean), statistics.median(shares), True)
-    corrected = [max(wall - wait / threads, 0.1 * wall) for wall, wait in steps]
+    corrected = [max(wall - wait / threads, 0.1 * wall) if correct else wall for wall, wait in steps]
     return Timing(statistics.median(corrected), statistics.median(shares), False)
 
 
@@ -182,10 +194,10 @@ def _measure(model_cfg: ModelConfig, micro: int, precision: str, optimizer: str,
             after = cpu_wait_seconds()
             if i < WARMUP_STEPS:
                 continue
-            steps.append((wall, after - waited if waited is not None and after is not None else 0.0))
+            steps.append((wall, waited_between(waited, after)))
             if summarise(steps, threads).clean:
                 break
-        return summarise(steps, threads)
+        return summarise(steps, threads, correct=device.type == "cpu")
     finally:
         torch.set_rng_state(rng_state)
         if device.type == "cuda":

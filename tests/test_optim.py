@@ -10,7 +10,7 @@ from torch import nn
 from budgetlm.config import TrainConfig
 from budgetlm.errors import UserError
 from budgetlm.muon import Muon, newton_schulz
-from budgetlm.optim import SCHEDULES, batch_size_at, build_optimizer, lr_at, lr_multiplier, param_groups, set_lr
+from budgetlm.optim import SCHEDULES, batch_size_at, build_optimizer, check_schedule, lr_at, lr_multiplier, param_groups, set_lr
 
 
 class TinyLM(nn.Module):
@@ -281,9 +281,14 @@ def test_embedding_and_head_rates_are_multiples_of_the_schedule_and_survive_a_ch
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert rate[id(m.tok_embeddings.weight)] == pytest.approx(8e-3) and rate[id(m.output.weight)] == pytest.approx(5e-4)
     assert rate[id(m.norm.weight)] == pytest.approx(1e-3)
-    tied = model(tie=True)  # the shared matrix is the embedding: its ratio wins
-    rate = {id(p): g["lr"] for g in build_optimizer(tied, cfg, "cpu").param_groups for p in g["params"]}
+    tied = model(tie=True)  # the shared matrix is the embedding: its rate; a head rate has nothing to act on
+    rate = {id(p): g["lr"] for g in build_optimizer(tied, dataclasses.replace(cfg, head_lr_ratio=1.0), "cpu").param_groups for p in g["params"]}
     assert rate[id(tied.output.weight)] == pytest.approx(0.08)
+    with pytest.raises(UserError, match="head_lr_ratio needs an output head of its own"):
+        build_optimizer(tied, cfg, "cpu")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="embedding_lr_ratio must be a positive number"):
+            check_schedule(dataclasses.replace(cfg, embedding_lr_ratio=bad))
     # the ratios are part of the optimizer's state: a resumed run keeps them
     _steps(m, opt, 2)
     ckpt.save_checkpoint(tmp_path / "ck", model_state=m.state_dict(), optimizer_state=opt.state_dict(), loop_state={"step": 2})

@@ -46,6 +46,8 @@ COMMON = [
     "train.eval_every=0",
     "train.eval_tokens=1024",
     "train.lr=3e-3",
+    "train.embedding_lr_ratio=3",  # the embedding and head in groups of their own: every layout and checkpoint must carry them
+    "train.head_lr_ratio=0.5",
     "train.schedule=constant",
     "train.warmup=0",
 ]

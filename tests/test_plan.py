@@ -158,6 +158,7 @@ def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
     muon = P.make_plan("24h", FakePlanner(vocab_cap=1024))
     assert muon.train["optimizer"] == "muon" and muon.train["embedding_lr_ratio"] == P.MUON_EMBEDDING_LR_RATIO > 1
     assert P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_train={"embedding_lr_ratio": 2.0}).train["embedding_lr_ratio"] == 2.0
+    assert "embedding_lr_ratio" not in P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_model={"tie_embeddings": True}).train  # measured untied
     wordpiece = P.make_plan("24h", FakePlanner(vocab_cap=30000, vocab_derivable=False))
     assert wordpiece.vocab_size == 30000  # not derivable: the prepared vocabulary, whatever the rule
 

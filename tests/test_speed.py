@@ -14,7 +14,7 @@ import torch
 
 from budgetlm import plan as P
 from budgetlm import speed
-from budgetlm.speed import CLEAN_WAIT, TIMED_STEPS, Timing, cpu_wait_seconds, summarise
+from budgetlm.speed import CLEAN_WAIT, TIMED_STEPS, Timing, cpu_wait_seconds, summarise, waited_between
 
 
 def test_undisturbed_steps_give_their_median_and_disturbed_ones_their_time_less_the_wait():
@@ -28,6 +28,17 @@ def test_undisturbed_steps_give_their_median_and_disturbed_ones_their_time_less_
     assert not busy.clean and busy.seconds == pytest.approx(0.11) and busy.waited == pytest.approx(0.5)
     # with two threads, the wait spreads over both: half of it is taken off
     assert summarise([(0.20, 0.10)] * TIMED_STEPS, threads=2).seconds == pytest.approx(0.15)
+    # a GPU's step is paced by the GPU: flagged and not cached, but its time is kept
+    gpu = summarise([(0.20, 0.10)] * TIMED_STEPS, threads=1, correct=False)
+    assert not gpu.clean and gpu.seconds == pytest.approx(0.20)
+
+
+def test_waits_are_counted_per_thread_and_never_negative():
+    assert waited_between({"1": 1.0, "2": 5.0}, {"1": 1.5, "3": 0.2}) == pytest.approx(0.5)  # 2 ended, 3 began: neither counts
+    assert waited_between({"1": 1.0}, {"1": 0.5}) == 0.0
+    assert waited_between(None, {"1": 1.0}) == 0.0  # where the kernel does not say, nothing is taken off
+    reading = cpu_wait_seconds()
+    assert reading is None or (reading and all(w >= 0 for w in reading.values()))
 
 
 def test_a_plan_from_disturbed_timings_says_so(monkeypatch, capsys):
@@ -76,8 +87,10 @@ def test_a_timing_made_beside_a_busy_program_is_corrected_and_not_cached(tmp_pat
         hog.wait()
     assert not busy["clean"] and busy["waited"] > 0.3  # it shared its core half the time
     assert not (tmp_path / "cache" / "speed.json").exists()
-    idle = timed()
-    assert idle["clean"] and idle["waited"] < CLEAN_WAIT
+    idle = next((t for t in (timed() for _ in range(3)) if t["clean"]), None)
+    if idle is None:
+        pytest.skip("this machine stayed too busy to time an undisturbed step")
+    assert idle["waited"] < CLEAN_WAIT
     assert json.loads((tmp_path / "cache" / "speed.json").read_text())  # an undisturbed timing is kept
     # the wait taken off, the busy timing is close to the idle one, where the wall clock said twice it
     assert 0.6 < busy["seconds"] / idle["seconds"] < 1.5
