@@ -48,7 +48,7 @@ CLEAN_WAIT = 0.05  # a step is undisturbed when its threads waited for a CPU les
 
 @dataclasses.dataclass
 class Timing:
-    seconds: float  # one optimizer step, the time spent waiting for a CPU taken off
+    seconds: float  # one optimizer step (disturbed on a CPU: the time its threads waited for one taken off)
     waited: float  # the median step's share of its threads' time spent waiting for a CPU (0 = an idle machine)
     clean: bool  # enough undisturbed steps were timed: the result is cached
 
