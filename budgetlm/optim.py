@@ -33,6 +33,11 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
 
 
+def _owned_by(model: nn.Module, kind) -> set[int]:
+    """The ids of the parameters held directly by the modules for which `kind(module)` holds."""
+    return {id(p) for m in model.modules() if kind(m) for p in m.parameters(recurse=False)}
+
+
 def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False) -> list[dict]:
     """Split trainable parameters into a decayed and a non-decayed AdamW group.
 
@@ -47,14 +52,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: boo
 
     Shared (tied) parameters appear once; frozen parameters (requires_grad=False) are left out.
     """
-    embedding_ids = set()
-    norm_ids = set()
-    for module in model.modules():
-        owned = {id(p) for p in module.parameters(recurse=False)}
-        if isinstance(module, nn.Embedding):
-            embedding_ids |= owned
-        elif _is_norm(module):
-            norm_ids |= owned
+    embedding_ids = _owned_by(model, lambda m: isinstance(m, nn.Embedding))
+    norm_ids = _owned_by(model, lambda m: not isinstance(m, nn.Embedding) and _is_norm(m))
     decay, no_decay = [], []
     seen = set()
     for _, p in model.named_parameters():  # named_parameters() already drops duplicates
@@ -88,7 +87,7 @@ def with_lr_ratios(model: nn.Module, groups: list[dict], cfg: TrainConfig) -> li
         return groups
     if cfg.head_lr_ratio != 1.0 and getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         raise UserError("train.head_lr_ratio needs an output head of its own (model.tie_embeddings=false); tied, it is the embedding")
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    embedding_ids = _owned_by(model, lambda m: isinstance(m, nn.Embedding))
     role = {}
     for n, p in model.named_parameters():
         if id(p) in embedding_ids or is_output_head(n):
