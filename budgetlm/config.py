@@ -82,6 +82,13 @@ class ModelConfig:
     )
     init_std: float = opt(0.02, "standard deviation of the weight initialisation")
     zero_init_residual: bool = opt(False, "start the projections into the residual stream (attention.wo, feed_forward.w2) at zero")
+    value_embeddings: str = opt(
+        "none",
+        "a second token embedding per block, added to the attention values through a learned gate (ResFormer, Zhou et al. 2024; "
+        "modded-nanogpt, nanochat): in every block, in every other block ending with the last (nanochat), or none",
+        ("none", "all", "alternate"),
+    )
+    smear: bool = opt(False, "add to each token's embedding a gated share of the previous token's before the first block (modded-nanogpt)")
     logit_softcap: float = opt(0.0, "squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2: 30, nanochat: 15); 0 = off")
     layer_heads: list[int] = opt([], "query heads of each block (a structurally pruned model); [] = n_head in every block")
     layer_ffn: list[int] = opt([], "feed-forward hidden size of each block (a structurally pruned model); [] = the global size in every block")

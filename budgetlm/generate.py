@@ -34,6 +34,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.embeddings: torch.Tensor | None = None  # (B, max_len, C) embeddings for model.smear, made on first use
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -60,6 +61,27 @@ class KVCache:
         self.k[layer_id, :, :nkv, start_pos:end] = k
         self.v[layer_id, :, :nkv, start_pos:end] = v
         return self.k[layer_id, :, :nkv, :end], self.v[layer_id, :, :nkv, :end]  # (B, nkv, end, hs)
+
+    def shift(self, start_pos: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """For `model.smear`: see `shift_embeddings`."""
+        if self.embeddings is None:
+            self.embeddings = torch.zeros(self.k.size(1), self.max_len, x.size(-1), device=x.device, dtype=self.k.dtype)
+        return shift_embeddings(self.embeddings, start_pos, x)
+
+
+def shift_embeddings(store: torch.Tensor, start_pos: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Keep the embeddings x (B, T, C) in `store` (B, max_len, C) at their positions (start_pos.., one
+    int or (B,) per row) and return, for each, the embedding at the position before it (zeros at
+    position 0): what `model.smear` mixes in when decoding continues from cached positions."""
+    B, T, _ = x.shape
+    start = torch.as_tensor(start_pos, device=x.device).reshape(-1, 1).expand(B, 1)
+    pos = start + torch.arange(T, device=x.device)  # (B, T)
+    if int(pos.max()) >= store.size(1):
+        raise ValueError(f"KV cache holds {store.size(1)} positions, asked to write up to {int(pos.max()) + 1}")
+    rows = torch.arange(B, device=x.device)[:, None]
+    store[rows, pos] = x.to(store.dtype)
+    previous = store[rows, (pos - 1).clamp(min=0)]
+    return previous.masked_fill((pos == 0)[..., None], 0.0).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

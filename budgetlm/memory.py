@@ -54,6 +54,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from budgetlm.config import EXPLICIT_ATTENTION_MAX_KEYS, ModelConfig
+from budgetlm.model import SMEAR_GATE_CHANNELS, VALUE_GATE_CHANNELS, value_embedding_layers
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")
@@ -81,8 +82,9 @@ class ParamCount:
     output: int  # untied output projection (0 when tied)
     per_block: int  # one Transformer block
     block_matrices: int  # of which in 2-D matrices (Muon's share; what tensor parallelism shards)
-    other: int  # final norm (+ embedding norm)
+    other: int  # final norm (+ embedding norm), the smear and the value embeddings' gates
     n_layer: int
+    value_embeddings: int = 0  # value-embedding tables (lookups, like the token embedding)
 
     @property
     def blocks(self) -> int:
@@ -90,7 +92,7 @@ class ParamCount:
 
     @property
     def total(self) -> int:
-        return self.embedding + self.output + self.blocks + self.other
+        return self.embedding + self.output + self.blocks + self.other + self.value_embeddings
 
     @property
     def matmul(self) -> int:
@@ -107,6 +109,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * C * F
     norms = 2 * C + (2 * head_dim if cfg.qk_norm else 0)
     other = C + (C if cfg.embed_norm else 0) + (C * C + C if cfg.mlm_head else 0) - (0 if cfg.first_attention_norm else C)
+    ve_layers = len(value_embedding_layers(cfg))
+    other += ve_layers * min(VALUE_GATE_CHANNELS, C) * (cfg.n_kv_head or cfg.n_head) + (min(SMEAR_GATE_CHANNELS, C) + 1 if cfg.smear else 0)
     return ParamCount(
         embedding=V * C,
         output=0 if cfg.tie_embeddings else V * C,
@@ -114,6 +118,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         block_matrices=attn + mlp,
         other=other,
         n_layer=cfg.n_layer,
+        value_embeddings=ve_layers * V * c_kv,
     )
 
 
@@ -177,7 +182,10 @@ def block_activation_bytes_per_token(cfg: ModelConfig, precision: str, device_ty
     if cfg.qk_norm:
         attn += e * (C + c_kv)
     mlp = 4 * C + (2 * C if low else 4 * C) + (4 if gated else 2) * e * F
-    return attn + mlp
+    # spread over the blocks: a value embedding (fp32 lookup, its compute-dtype copy) where a block has one,
+    # and the smear's embedding and shifted copy once before the first block
+    extras = len(value_embedding_layers(cfg)) * (4 + e) * c_kv + (2 * 4 * C if cfg.smear else 0)
+    return attn + mlp + extras / cfg.n_layer
 
 
 def estimate_memory(
@@ -226,7 +234,7 @@ def estimate_memory(
     block_params = layers_here * (pc.block_matrices // tp + (pc.per_block - pc.block_matrices))
     embed_params = pc.embedding // tp
     out_params = (pc.output // tp) if pp == 1 else (pc.output or pc.embedding) // tp  # separate stages cannot share
-    local = block_params + embed_params + out_params + pc.other
+    local = block_params + embed_params + out_params + pc.other + pc.value_embeddings
     hidden_matrices = layers_here * pc.block_matrices // tp
     shard = dp_shard
     weights = 4 * local // shard

@@ -54,6 +54,20 @@ def layer_sizes(cfg: ModelConfig, layer_id: int) -> tuple[int, int, int]:
     return n_head, n_head * n_kv // cfg.n_head, ffn
 
 
+VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of its block's input (nanochat)
+SMEAR_GATE_CHANNELS = 12  # the smear gate reads this many channels of the embedding (modded-nanogpt)
+
+
+def value_embedding_layers(cfg: ModelConfig) -> list[int]:
+    """Blocks with a value embedding (`model.value_embeddings`): all, every other one ending with the last, or none."""
+    n = cfg.n_layer
+    if cfg.value_embeddings == "all":
+        return list(range(n))
+    if cfg.value_embeddings == "alternate":
+        return [i for i in range(n) if i % 2 == (n - 1) % 2]
+    return []
+
+
 def check_config(cfg: ModelConfig) -> None:
     """Shape rules the model needs; raise ValueError naming the field."""
     if cfg.vocab_size <= 0:
@@ -88,6 +102,17 @@ class KVCacheLike(Protocol):
         """Store k, v (B, n_kv_head, T, hs) at positions start_pos.. (an int, or (B,) per row) and return
         the keys/values attention should see (B, n_kv_head, L, hs)."""
         ...
+
+
+def previous_positions(x: torch.Tensor, kv_cache, start_pos: int | torch.Tensor) -> torch.Tensor:
+    """For each position of x (B, T, C), the embedding at the position before it, zeros at position 0:
+    within x for a whole sequence, or from a cache that keeps them (`shift`) when decoding goes on
+    from earlier positions. A cache without `shift` (a fine-tuning prefix) serves whole sequences only."""
+    if kv_cache is not None and hasattr(kv_cache, "shift"):
+        return kv_cache.shift(start_pos, x)
+    if not isinstance(start_pos, int) or start_pos != 0:
+        raise ValueError("model.smear needs the previous token's embedding: decode with a cache that keeps them (budgetlm.generate.KVCache)")
+    return F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +246,10 @@ class Attention(nn.Module):
         # QK-norm (Dehghani et al. 2023; OLMo 2, Qwen3) keeps attention logits bounded at high learning rates.
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # Value embeddings: a gate per key/value head, from the first channels of the block's input, scales the token's
+        # value embedding into v. It starts at zero weights, so at 1 (2 sigmoid(0)), as nanochat's.
+        has_ve = layer_id in value_embedding_layers(cfg)
+        self.ve_gate = nn.Linear(min(VALUE_GATE_CHANNELS, cfg.n_embd), self.n_kv_head, bias=False) if has_ve else None
 
     def forward(
         self,
@@ -230,7 +259,9 @@ class Attention(nn.Module):
         kv_cache: KVCacheLike | None = None,
         start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`ve` (B, T, nkv * hs): the tokens' value embeddings, for a block that has them."""
         B, T, _ = x.shape
         # Head counts come from the projections' shapes, not the config: under tensor parallelism
         # wq/wk/wv are column shards holding n_head / tp heads on each rank.
@@ -239,7 +270,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # before the transpose: the norm reads contiguous rows (the same values)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hs)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, nkv), in (0, 2)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, -1, self.head_dim)
+        v = v.transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         is_causal = self.causal and T > 1
@@ -302,8 +337,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg, layer_sizes(cfg, layer_id)[2])
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None):
-        x = x + self.dropout(self.attention(compute_dtype(self.attention_norm(x)), cos, sin, kv_cache, start_pos, attn_mask))
+    def forward(self, x, cos, sin, kv_cache=None, start_pos=0, attn_mask=None, ve=None):
+        ve = compute_dtype(ve) if ve is not None else None
+        x = x + self.dropout(self.attention(compute_dtype(self.attention_norm(x)), cos, sin, kv_cache, start_pos, attn_mask, ve=ve))
         return x + self.dropout(self.feed_forward(compute_dtype(self.ffn_norm(x))))
 
 
@@ -317,6 +353,21 @@ class PredictionHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(h)))
+
+
+class Smear(nn.Module):
+    """x_t + scale * sigmoid(gate(x_t[:12])) * x_{t-1} over the token embeddings: each token sees the one
+    before it before the first block, a bigram feature that attention would otherwise have to learn
+    (modded-nanogpt's "smear"). Scale and gate start at zero: the embeddings pass unchanged at first."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(min(SMEAR_GATE_CHANNELS, cfg.n_embd), 1, bias=False)
+        self.scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) embeddings; `previous` (B, T, C) the embedding at the position before each (zeros at position 0)."""
+        return x + self.scale * torch.sigmoid(self.gate(x[..., : self.gate.in_features])) * previous
 
 
 def compute_dtype(h: torch.Tensor) -> torch.Tensor:
@@ -389,6 +440,11 @@ class Transformer(nn.Module):
         self.mlm_head = PredictionHead(cfg) if cfg.mlm_head else None
         self.output = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
         self.tie_weights()
+        self.smear = Smear(cfg) if cfg.smear else None
+        # one table per block that has them, as wide as that block's keys/values (empty: no parameters, no checkpoint keys)
+        self.value_embeddings = nn.ModuleDict(
+            {str(i): nn.Embedding(self.padded_vocab_size, layer_sizes(cfg, i)[1] * self.head_dim) for i in value_embedding_layers(cfg)}
+        )
         # Rotary tables are derived state, not weights: non-persistent, recomputed by init_weights().
         cos, sin = rope_tables(cfg.seq_len, self.head_dim, cfg.rope_theta, device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -428,6 +484,8 @@ class Transformer(nn.Module):
         (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 n_layer) as in GPT-2 (Radford et al. 2019),
         so the residual's variance does not grow with depth. Norm weights 1 (embed_norm included), rotary tables recomputed.
 
+        Value embeddings are drawn like the token embedding; their gates and the smear start at zero.
+
         Each matrix is drawn from its own generator, seeded by `seed` (default: one draw from torch's
         global generator) and the parameter's name, so the values do not depend on the layout: a
         pipeline stage that lacks other layers, or a rank holding one shard (each rank draws the whole
@@ -437,6 +495,9 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
+            if name.endswith(("ve_gate.weight", "smear.gate.weight", "smear.scale")):
+                p.zero_()  # gates that start neutral: value embeddings at 1, no smear
+                continue
             if p.dim() == 1:
                 p.fill_(1.0)  # norm weights (no biases anywhere)
                 continue
@@ -484,11 +545,15 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {last - 1} exceed the context length {self.cfg.seq_len}")
         if self.tok_embeddings is not None:  # a pipeline stage after the first gets hidden states
             x = self.tok_embeddings(idx)  # (B, T, C)
-            x = self.dropout(x if self.embed_norm is None else self.embed_norm(x))
+            x = x if self.embed_norm is None else self.embed_norm(x)
+            if self.smear is not None:
+                x = self.smear(x, previous_positions(x, kv_cache, start_pos))
+            x = self.dropout(x)
         else:
             x = idx
-        for layer in self.layers.values():  # a pipeline stage holds only its own layers (keys unchanged)
-            x = layer(x, cos, sin, kv_cache, start_pos, attn_mask)
+        for key, layer in self.layers.items():  # a pipeline stage holds only its own layers (keys unchanged)
+            ve = self.value_embeddings[key](idx) if key in self.value_embeddings else None
+            x = layer(x, cos, sin, kv_cache, start_pos, attn_mask, ve=ve)
         return x
 
     def forward(
@@ -547,12 +612,15 @@ class Transformer(nn.Module):
     # -- accounting ----------------------------------------------------------------------------
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters, counting a tied embedding once. `exclude_embeddings` drops the embedding table
-        (shared with the output projection when tied), Kaplan et al. 2020's "non-embedding" count.
+        """Parameters, counting a tied embedding once. `exclude_embeddings` drops the embedding tables (the
+        token embedding, shared with the output projection when tied, and any value embeddings), Kaplan
+        et al. 2020's "non-embedding" count.
         Counts global shapes, so a sharded (FSDP/TP) model reports its whole size."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if exclude_embeddings and self.tok_embeddings is not None:
             n -= self.tok_embeddings.weight.numel()
+        if exclude_embeddings:
+            n -= sum(p.numel() for p in self.value_embeddings.parameters())  # lookups, like the token embedding
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -84,8 +84,14 @@ CPU_MICRO_TOKENS = 8192  # one forward of this many tokens keeps a CPU busy with
 GPU_MICRO_TOKENS = 16384
 MEMORY_HEADROOM = 0.9  # of a device's memory the estimate may fill (fragmentation, the framework, data)
 ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU PyTorch anchors sit near 40%
-# the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md)
-DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False}
+# the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md; value embeddings and smear:
+# bench/results/token_features.md)
+DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False, "value_embeddings": "all", "smear": True}
+# value embeddings in every block up to this depth, in every other block beyond (nanochat's choice for deep models, where a
+# table per block would outweigh the blocks); 2 x 128 at 600 steps scored better with one in each of its two blocks than in the last
+VALUE_EMBEDDINGS_ALL_MAX_DEPTH = 2
+ARCH_EVIDENCE = "measured best at equal wall clock (bench/results/defaults_ab.md)"
+TOKEN_FEATURES_EVIDENCE = "measured at equal steps and at equal wall clock (bench/results/token_features.md)"
 DEFAULT_OPTIMIZER = "muon"
 # with Muon, the token embedding's AdamW rate as a multiple of train.lr: 2 x 128 at the 20-minute CPU settings, 600 steps,
 # scored 1.998 bits per byte at 3x and 2.002 at 5x, against 2.026 at 1x and 2.012-2.014 at 10-20x (bench/results/embedding_lr.md)
@@ -344,6 +350,8 @@ class Planner:
         return v
 
     def candidate_model(self, depth: int, fixed: dict, arch: dict) -> ModelConfig:
+        if arch.get("value_embeddings") == "all" and fixed.get("n_layer", depth) > VALUE_EMBEDDINGS_ALL_MAX_DEPTH:
+            arch = {**arch, "value_embeddings": "alternate"}
         cfg = ModelConfig(**{**shape(depth), **arch, **fixed})
         cfg.vocab_size = fixed.get("vocab_size") or self.vocab_for(non_embedding_params(dataclasses.replace(cfg, vocab_size=1)))
         return cfg
@@ -486,6 +494,10 @@ def user_fixed(cfg: RunConfig, user_keys: set[str]) -> tuple[dict, dict]:
         model["n_head"] = max(1, model["n_embd"] // HEAD_DIM)
     if "n_layer" in model and "n_embd" not in model:
         model.update({k: v for k, v in shape(model["n_layer"]).items() if k not in model})
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1 or cfg.model.objective == "masked":
+        # data parallelism only; and measured on causal models only
+        model.setdefault("value_embeddings", "none")
+        model.setdefault("smear", False)
     return model, train
 
 
@@ -626,9 +638,10 @@ def make_plan(
         if key not in fixed_train:
             reasons.append(Reason(f"train.{key}", value, rule))
     if "optimizer" not in fixed_train:
-        reasons.append(Reason("train.optimizer", optimizer, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
-    for key, value in arch.items():
-        reasons.append(Reason(f"model.{key}", value, "measured best at equal wall clock (bench/results/defaults_ab.md)"))
+        reasons.append(Reason("train.optimizer", optimizer, ARCH_EVIDENCE))
+    for key in arch:
+        evidence = TOKEN_FEATURES_EVIDENCE if key in ("value_embeddings", "smear") else ARCH_EVIDENCE
+        reasons.append(Reason(f"model.{key}", getattr(model, key), evidence))
     train = {**train, **fixed_train}
 
     peak = peak_of(planner, run_precision)

@@ -111,10 +111,17 @@ def test_quantized_run_fine_tunes_with_lora_and_refuses_full(trained, tmp_path, 
 MASKED = {"objective": "masked", "mlp": "geglu", "norm": "layernorm"}
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"mlp": "relu2", "qk_norm": True}, MASKED])
+TOKEN_FEATURES = {"n_kv_head": 2, "value_embeddings": "all", "smear": True}
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"mlp": "relu2", "qk_norm": True}, MASKED, TOKEN_FEATURES])
 def test_pruned_model_equals_the_original_with_those_units_switched_off(kw):
     torch.manual_seed(0)
     model = Transformer.build(ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=100, seq_len=16, **kw)).eval()
+    with torch.no_grad():  # value-embedding and smear gates start at zero: give them values a pruned copy must keep
+        for name, p in model.named_parameters():
+            if "gate" in name or "smear" in name:
+                p.normal_(0, 0.5)
     groups = model.cfg.n_kv_head or 4
     plan = PrunePlan(layers=[0, 2], groups={0: sorted({1, groups - 1}), 2: [0]}, neurons={0: list(range(0, 96, 2)), 2: [5, 7, 50]})
     small = apply_plan(model, plan)

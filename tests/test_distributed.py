@@ -188,5 +188,7 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
     interleaved = ("parallel.pp=4", "model.tie_embeddings=false", "model.n_layer=6", "parallel.pp_schedule=Interleaved1F1B")
     refused(*interleaved, match=r"parallel.pp=4 x parallel.pp_virtual_stages=2 stages need at least as many layers \(model.n_layer=6\)")
     refused("parallel.dp_shard=-1", "parallel.ddp_comm_hook=powersgd", match="DDP only")
+    refused("parallel.tp=2", "model.value_embeddings=all", match="model.value_embeddings work with data parallelism")
+    refused("parallel.pp=2", "model.tie_embeddings=false", "model.smear=true", match="model.smear work with data parallelism")
     if not torch.cuda.is_available():
         refused("parallel.fsdp_cpu_offload=true", match="needs a CUDA GPU")

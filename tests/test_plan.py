@@ -163,6 +163,22 @@ def test_user_keys_win_and_vocabulary_stays_within_the_prepared_one():
     assert wordpiece.vocab_size == 30000  # not derivable: the prepared vocabulary, whatever the rule
 
 
+def test_value_embeddings_and_smear_by_depth_and_off_where_they_cannot_run():
+    shallow = P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_model={"n_layer": 2})
+    deep = P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_model={"n_layer": 4})
+    assert (shallow.model["value_embeddings"], shallow.model["smear"]) == ("all", True)
+    assert deep.model["value_embeddings"] == "alternate"  # a table in every block would outweigh deep blocks
+    reason = {r.key: r for r in deep.reasons}["model.value_embeddings"]
+    assert reason.value == "alternate" and "token_features.md" in reason.rule
+    from budgetlm.config import RunConfig, apply_overrides, override_keys
+
+    sets = ["parallel.tp=2"]
+    fixed, _ = P.user_fixed(apply_overrides(RunConfig(), sets), override_keys(RunConfig, sets))
+    assert (fixed["value_embeddings"], fixed["smear"]) == ("none", False)
+    kept = ["parallel.tp=2", "model.smear=true"]
+    assert P.user_fixed(apply_overrides(RunConfig(), kept), override_keys(RunConfig, kept))[0]["smear"] is True  # the user's key wins
+
+
 def test_token_and_step_budgets_follow_chinchilla_without_timing():
     planner = FakePlanner()
     plan = P.make_plan("tokens:2e9", planner)

@@ -44,9 +44,23 @@ def run_to_end(scheduler, limit=500):
     raise AssertionError("the scheduler did not finish")
 
 
-def test_per_row_positions_equal_one_row_at_a_time():
+# value embeddings and the smear: the smear reads each row's previous embedding back from the cache
+TOKEN_FEATURES = {"value_embeddings": "all", "smear": True}
+
+
+def with_live_gates(model: Transformer) -> Transformer:
+    """The gates start at zero (the smear off); set them as training would, so the test can see them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name or "smear" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("features", [{}, TOKEN_FEATURES], ids=["plain", "token-features"])
+def test_per_row_positions_equal_one_row_at_a_time(features):
     """The model with a (B,) start_pos and a mask gives each row the logits it gets alone."""
-    model = tiny_model()
+    model = with_live_gates(tiny_model(**features))
     prompts = [torch.randint(0, 100, (n,)) for n in (5, 11, 8)]
     cache = SlotKVCache(model, 3)
     T = 11
@@ -64,10 +78,15 @@ def test_per_row_positions_equal_one_row_at_a_time():
             torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=5)], ids=["greedy", "seeded"])
-def test_batched_sequences_equal_each_decoded_alone(sampling):
-    # unequal prompts and lengths, arrivals at different steps, and 40 tokens past a 32-token context (the slide)
-    model = tiny_model()
+@pytest.mark.parametrize(
+    "sampling, features",
+    [(dict(temperature=0), {}), (dict(temperature=0.9, top_k=20, seed=5), {}), (dict(temperature=0), TOKEN_FEATURES)],
+    ids=["greedy", "seeded", "greedy-token-features"],
+)
+def test_batched_sequences_equal_each_decoded_alone(sampling, features):
+    # unequal prompts and lengths, arrivals at different steps, and 40 tokens past a 32-token context (the slide);
+    # with the smear, the slot compaction (`move`) must carry each sequence's embeddings along
+    model = with_live_gates(tiny_model(**features))
     torch.manual_seed(1)
     prompts = [torch.randint(0, 100, (n,)).tolist() for n in (3, 17, 9, 30)]
     lengths = [40, 12, 25, 6]

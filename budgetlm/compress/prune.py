@@ -216,10 +216,12 @@ def pruned_config(cfg: ModelConfig, plan: PrunePlan) -> ModelConfig:
 def apply_plan(model: Transformer, plan: PrunePlan) -> Transformer:
     """A new, smaller model holding the kept rows/columns of `model`'s weights (blocks renumbered 0..)."""
     cfg = model.cfg
+    if cfg.value_embeddings == "alternate" and len(plan.layers) != cfg.n_layer:
+        raise UserError("removing blocks would move the value embeddings of model.value_embeddings=alternate; prune with --units heads,neurons")
     new = Transformer.build(pruned_config(cfg, plan), device=model.tok_embeddings.weight.device, seed=0)
     hd, group = model.head_dim, cfg.n_head // (cfg.n_kv_head or cfg.n_head)
     src = model.state_dict()
-    dst = {k: v for k, v in src.items() if not k.startswith("layers.")}
+    dst = {k: v for k, v in src.items() if not k.startswith(("layers.", "value_embeddings."))}
     for new_i, i in enumerate(plan.layers):
         kv = torch.tensor(plan.groups[i], dtype=torch.long)
         q = (kv[:, None] * group + torch.arange(group)).reshape(-1)  # query heads of the kept groups
@@ -236,6 +238,8 @@ def apply_plan(model: Transformer, plan: PrunePlan) -> Transformer:
                 t = t.index_select(0, dev_idx(q_rows))
             elif rest in ("attention.wk.weight", "attention.wv.weight"):
                 t = t.index_select(0, dev_idx(kv_rows))
+            elif rest == "attention.ve_gate.weight":  # a gate per key/value head
+                t = t.index_select(0, dev_idx(kv))
             elif rest == "attention.wo.weight":
                 t = t.index_select(1, dev_idx(q_rows))
             elif rest in ("feed_forward.w1.weight", "feed_forward.w3.weight"):
@@ -243,6 +247,9 @@ def apply_plan(model: Transformer, plan: PrunePlan) -> Transformer:
             elif rest == "feed_forward.w2.weight":
                 t = t.index_select(1, dev_idx(neurons))
             dst[f"layers.{new_i}.{rest}"] = t.clone()
+        if f"value_embeddings.{i}.weight" in src:  # as wide as the block's keys/values
+            table = src[f"value_embeddings.{i}.weight"]
+            dst[f"value_embeddings.{new_i}.weight"] = table.index_select(1, kv_rows.to(table.device)).clone()
     new.load_state_dict(dst, strict=True)  # copies in place, so a tied head stays tied
     return new.train(model.training)
 

@@ -53,7 +53,7 @@ def check_quantize(method: str, device: torch.device, model: nn.Module) -> None:
     if method == "int4":
         if device.type != "cuda":
             raise UserError("--method int4 needs a CUDA GPU (torchao's int4 kernels); on CPU use int8 or int8-dyn")
-        small = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % INT4_GROUP]
+        small = [(n, m.in_features) for n, m in model.named_modules() if _quantized(m, n, False) and m.in_features % INT4_GROUP]
         if small:
             raise UserError(f"--method int4 quantizes in groups of {INT4_GROUP} inputs; layer '{small[0][0]}' has {small[0][1]}")
 
@@ -81,8 +81,15 @@ def quantize_model(model: nn.Module, method: str, device: torch.device) -> nn.Mo
     if method == "int4":
         model.to(torch.bfloat16)  # torchao's int4 kernels take bf16 activations
     tied = _tied(model)
-    quantize_(model, quant_config(method), filter_fn=lambda m, name: isinstance(m, nn.Linear) and not (tied and name == "output"))
+    quantize_(model, quant_config(method), filter_fn=lambda m, name: _quantized(m, name, tied))
     return model
+
+
+def _quantized(module: nn.Module, name: str, tied: bool) -> bool:
+    """The linear layers that get quantized: all but a tied output (the embedding table) and the value-embedding
+    and smear gates (a few dozen weights each, whose inputs are narrower than int4's groups)."""
+    gate = name.endswith(("ve_gate", "smear.gate"))
+    return isinstance(module, nn.Linear) and not gate and not (tied and name == "output")
 
 
 def _tied(model: nn.Module) -> bool:

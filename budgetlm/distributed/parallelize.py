@@ -40,6 +40,10 @@ class Parallelized:
 def check_parallel_config(cfg) -> None:
     """Settings that cannot work together, each named by key (before anything is built or written)."""
     p, m = cfg.parallel, cfg.model
+    extras = [f"model.{k}" for k, on in (("value_embeddings", m.value_embeddings != "none"), ("smear", m.smear)) if on]
+    if extras and (p.tp > 1 or p.pp > 1):
+        # a pipeline stage gets hidden states, not the token ids its value embeddings look up; tensor parallel has no plan for them yet
+        raise UserError(f"{' and '.join(extras)} work with data parallelism (DDP, FSDP2) only, not parallel.tp or parallel.pp > 1")
     if p.tp > 1:
         if m.objective != "causal":
             raise UserError("parallel.tp > 1 supports model.objective=causal only (sparse masked prediction needs whole sequences)")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from budgetlm.errors import UserError
+from budgetlm.export.hf import UNPLANNED
 
 DTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
@@ -79,10 +80,13 @@ def check_gguf_compatible(cfg, tokenizer) -> None:
         "mlp": cfg.mlp != "swiglu",
         "embed_norm": cfg.embed_norm,
         "logit_softcap": cfg.logit_softcap > 0,
+        "value_embeddings": cfg.value_embeddings != "none",
+        "smear": cfg.smear,
     }
     for option, bad in refusals.items():
         if bad:
-            raise UserError(f"cannot export to GGUF: model.{option}={getattr(cfg, option)!r} (llama.cpp's llama and qwen3: RMSNorm, SwiGLU)")
+            hint = f"; {UNPLANNED}" if option in ("value_embeddings", "smear") else ""
+            raise UserError(f"cannot export to GGUF: model.{option}={getattr(cfg, option)!r} (llama.cpp's llama and qwen3 do not have it{hint})")
     data = json.loads(tokenizer.to_str())
     byte_level = data.get("model", {}).get("type") == "BPE" and "ByteLevel" in json.dumps(data.get("pre_tokenizer"))
     if tokenizer.kind != "bpe" or not byte_level:

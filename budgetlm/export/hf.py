@@ -48,6 +48,10 @@ GATED_ACT = {"swiglu": "silu", "geglu": "gelu"}  # budgetlm mlp -> HF hidden_act
 # which family
 
 
+# the budget's plan turns both on (they train a better model in the same time); an exportable model trains without them
+UNPLANNED = "pretrain with --set model.value_embeddings=none --set model.smear=false to export"
+
+
 def hf_family(cfg: ModelConfig) -> str:
     """'llama', 'qwen3', 'eurobert' or 'modernbert' for a model config, or UserError naming the option no family has."""
     if cfg.objective == "masked" and (cfg.norm == "layernorm" or cfg.embed_norm or cfg.mlm_head or not cfg.first_attention_norm):
@@ -66,6 +70,8 @@ def hf_family(cfg: ModelConfig) -> str:
         "mlp": (cfg.mlp not in GATED_ACT, "their MLP is gated (swiglu or geglu); plain gelu and relu2 have no Hugging Face counterpart"),
         "embed_norm": (cfg.embed_norm, "no Llama-layout family normalises the embeddings before the first block"),
         "logit_softcap": (cfg.logit_softcap > 0, "only Gemma 2 soft-caps the logits, and its blocks differ from budgetlm's"),
+        "value_embeddings": (cfg.value_embeddings != "none", f"no Hugging Face family adds a token embedding to the values; {UNPLANNED}"),
+        "smear": (cfg.smear, f"no Hugging Face family mixes the previous token's embedding into each token's; {UNPLANNED}"),
     }
     for option, (bad, why) in refusals.items():
         if bad:

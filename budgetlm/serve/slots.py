@@ -29,6 +29,7 @@ class SlotKVCache:
         self.n_slots, self.max_len = n_slots, shape[3]
         self.rows = slice(0, n_slots)
         self.key_len = self.max_len
+        self.embeddings: torch.Tensor | None = None  # (n_slots, max_len, C) for model.smear, made on first use
 
     def select(self, first: int, count: int, key_len: int) -> None:
         """The next forward pass covers slots first..first+count-1 and reads keys 0..key_len-1."""
@@ -50,11 +51,21 @@ class SlotKVCache:
         values[row, :, pos] = v.transpose(1, 2)
         return keys[:, :, : self.key_len], values[:, :, : self.key_len]
 
+    def shift(self, start_pos: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """For `model.smear`: each row's embedding at the position before each of x's (`shift_embeddings`)."""
+        from budgetlm.generate import shift_embeddings
+
+        if self.embeddings is None:
+            self.embeddings = torch.zeros(self.n_slots, self.max_len, x.size(-1), device=x.device, dtype=self.k.dtype)
+        return shift_embeddings(self.embeddings[self.rows], start_pos, x)
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction after a sequence ends)."""
         if src != dst and length > 0:
             self.k[:, dst, :, :length] = self.k[:, src, :, :length]
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+            if self.embeddings is not None:
+                self.embeddings[dst, :length] = self.embeddings[src, :length]
 
 
 def prefill_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
