@@ -6,6 +6,9 @@ no biases, optionally grouped-query attention (Ainslie et al. 2023) -- the Llama
 positions only, following Cramming (Geiping & Goldstein 2022): gated GELU, pre-norm LayerNorm,
 no biases, and "sparse prediction" -- only the masked positions go through the final norm and
 the output projection, so no compute is spent predicting the ~85% of tokens that carry no loss.
+Two optional token features from the GPT-2 speedrun lineage (modded-nanogpt, nanochat), which the
+budget's plan turns on for causal models: value embeddings (a second token embedding per block,
+gated into the attention values) and the smear (each token's embedding mixed with the previous one's).
 
 Rules (as in torchtitan): the model knows nothing about ranks, logging, files or
 the CLI; it is built on the `meta` device and materialised by `init_weights()`; parameter names
