@@ -87,11 +87,12 @@ ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU
 # the architecture and optimizer measured best at equal wall clock (bench/results/defaults_ab.md; value embeddings and smear:
 # bench/results/token_features.md)
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False, "value_embeddings": "all", "smear": True}
-# value embeddings in every block up to this depth, in every other block beyond (nanochat's choice for deep models, where a
-# table per block would outweigh the blocks); 2 x 128 at 600 steps scored better with one in each of its two blocks than in the last
-VALUE_EMBEDDINGS_ALL_MAX_DEPTH = 2
+# value embeddings (in every block: 2 x 128 scored better with one in each of its two blocks than in the last only) and the
+# smear, up to the depth where this project measured them; deeper models, whose tables would be a larger share of the
+# parameters (an 11 x 704 model at vocabulary 32768 would carry 138M in nanochat's every-other-block layout), go without
+TOKEN_FEATURES_MAX_DEPTH = 2
 ARCH_EVIDENCE = "measured best at equal wall clock (bench/results/defaults_ab.md)"
-TOKEN_FEATURES_EVIDENCE = "measured at equal steps and at equal wall clock (bench/results/token_features.md)"
+TOKEN_FEATURES_EVIDENCE = "measured at depths 1-2, at equal steps and at equal wall clock (bench/results/token_features.md)"
 DEFAULT_OPTIMIZER = "muon"
 # with Muon, the token embedding's AdamW rate as a multiple of train.lr: 2 x 128 at the 20-minute CPU settings, 600 steps,
 # scored 1.998 bits per byte at 3x and 2.002 at 5x, against 2.026 at 1x and 2.012-2.014 at 10-20x (bench/results/embedding_lr.md)
@@ -147,7 +148,7 @@ class Corpus:
 class Candidate:
     depth: int
     model: ModelConfig
-    params: int
+    params: int  # as the size rules count them (`scaling_params`)
     flops_per_token: float
     tokens_per_s: float
     tokens: float
@@ -209,6 +210,15 @@ def non_embedding_params(cfg: ModelConfig) -> int:
 
 def total_params(cfg: ModelConfig) -> int:
     return count_params(cfg).total
+
+
+def scaling_params(cfg: ModelConfig) -> int:
+    """The parameters the loss, pass and tokens-per-parameter rules count: all but the value-embedding
+    tables. Those are per-token lookups worth far less than block parameters (at 2 x 128 they add 56%
+    to the count and 0.02 bits per byte at equal steps). Counted, they tipped the choice of depth: 5
+    minutes on this project's Xeon planned 1 x 64 over 2 x 128 (predicted 12.000 against 12.016, with
+    timings taken beside other work) and scored 2.129 bits per byte, where 2 x 128 had scored 2.017."""
+    return count_params(cfg).total - count_params(cfg).value_embeddings
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -350,8 +360,8 @@ class Planner:
         return v
 
     def candidate_model(self, depth: int, fixed: dict, arch: dict) -> ModelConfig:
-        if arch.get("value_embeddings") == "all" and fixed.get("n_layer", depth) > VALUE_EMBEDDINGS_ALL_MAX_DEPTH:
-            arch = {**arch, "value_embeddings": "alternate"}
+        if fixed.get("n_layer", depth) > TOKEN_FEATURES_MAX_DEPTH:
+            arch = {**arch, **{k: v for k, v in (("value_embeddings", "none"), ("smear", False)) if k in arch}}
         cfg = ModelConfig(**{**shape(depth), **arch, **fixed})
         cfg.vocab_size = fixed.get("vocab_size") or self.vocab_for(non_embedding_params(dataclasses.replace(cfg, vocab_size=1)))
         return cfg
@@ -454,7 +464,7 @@ class Planner:
                 tps = self.world_size * (peak_of(self) or 0) * ASSUMED_GPU_MFU / flops_per_token(cfg)
             if tps <= 0:
                 break  # does not fit in memory: larger ones will not either
-            n = total_params(cfg)
+            n = scaling_params(cfg)
             compiled = self.compile_pays(cfg, seconds, compile_pref, run_precision)
             speedup = self.compile_speedup(cfg, run_precision)
             tokens = self.tokens_in(cfg, tps, seconds, compiled, run_precision)
@@ -466,7 +476,8 @@ class Planner:
             c = Candidate(depth, cfg, n, flops_per_token(cfg), tps, tokens, predicted_loss(n, tokens, unique), compiled)
             speed = f"{tps:,.0f} tokens/s" + (f" eager, x{speedup:.2f} compiled" if compiled and self.measured else "")
             passes = f" ({tokens / unique:.1f} passes over the data{', its limit' if capped else ''})" if unique else ""
-            self.log(f"  depth {depth:2d}: {n / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens{passes}, predicted loss {c.loss:.3f}")
+            size = total_params(cfg)  # shown whole; the rules count `n`
+            self.log(f"  depth {depth:2d}: {size / 1e6:7.2f}M parameters, {speed}, {tokens / 1e6:,.1f}M tokens{passes}, predicted loss {c.loss:.3f}")
             best = min((x.loss for x in out), default=math.inf)
             rises = rises + 1 if c.loss > best else 0
             out.append(c)
@@ -540,8 +551,8 @@ def make_plan(
         for _ in range(4):  # steps budgets: tokens depend on the batch, which depends on the model
             if budget.kind == "steps":
                 tokens = budget.limit * best_batch
-            best_model = min(models, key=lambda m: abs(math.log(tokens / total_params(m) / CHINCHILLA_TOKENS_PER_PARAM)))
-            n = total_params(best_model)
+            best_model = min(models, key=lambda m: abs(math.log(tokens / scaling_params(m) / CHINCHILLA_TOKENS_PER_PARAM)))
+            n = scaling_params(best_model)
             loss = predicted_loss(n, tokens, planner.unique_tokens(best_model))
             best = Candidate(best_model.n_layer, best_model, n, flops_per_token(best_model), 0.0, tokens, loss)
             cands = [best]
@@ -641,6 +652,8 @@ def make_plan(
         reasons.append(Reason("train.optimizer", optimizer, ARCH_EVIDENCE))
     for key in arch:
         evidence = TOKEN_FEATURES_EVIDENCE if key in ("value_embeddings", "smear") else ARCH_EVIDENCE
+        if key in ("value_embeddings", "smear") and model.n_layer > TOKEN_FEATURES_MAX_DEPTH:
+            evidence = f"off beyond depth {TOKEN_FEATURES_MAX_DEPTH}, where this project has not measured them (bench/results/token_features.md)"
         reasons.append(Reason(f"model.{key}", getattr(model, key), evidence))
     train = {**train, **fixed_train}
 
@@ -673,7 +686,7 @@ def make_plan(
         candidates=[
             {
                 "depth": c.depth,
-                "params": c.params,
+                "params": total_params(c.model),
                 "vocab_size": c.model.vocab_size,
                 "tokens_per_s": round(c.tokens_per_s),
                 "tokens": round(c.tokens),

@@ -121,7 +121,8 @@ def test_repeated_text_counts_less_and_a_small_corpus_gets_a_smaller_model():
     passes = next(r for r in aware.reasons if r.key == "data.passes")
     assert passes.value == pytest.approx(aware.tokens / aware.data_tokens, rel=0.01) and "Muennighoff" in passes.rule
     # the budget buys more passes than the text supports: the run trains the supported tokens, then stops
-    assert aware.data_limit == aware.tokens == math.ceil(P.max_passes(aware.params, aware.data_tokens) * aware.data_tokens)
+    counted = P.scaling_params(ModelConfig(**aware.model, vocab_size=aware.vocab_size))  # without the value-embedding tables
+    assert aware.data_limit == aware.tokens == math.ceil(P.max_passes(counted, aware.data_tokens) * aware.data_tokens)
     assert aware.data_limit < aware.tokens_per_s * 60 and "stops after" in passes.rule
     assert "the run stops there" in P.format_plan(aware) and not unaware.data_limit
     cfg = resolve_config(None, "60s", [], "")
@@ -167,11 +168,18 @@ def test_value_embeddings_and_smear_by_depth_and_off_where_they_cannot_run():
     shallow = P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_model={"n_layer": 2})
     deep = P.make_plan("24h", FakePlanner(vocab_cap=1024), fixed_model={"n_layer": 4})
     assert (shallow.model["value_embeddings"], shallow.model["smear"]) == ("all", True)
-    assert deep.model["value_embeddings"] == "alternate"  # a table in every block would outweigh deep blocks
+    assert (deep.model["value_embeddings"], deep.model["smear"]) == ("none", False)  # measured up to depth 2 only
     reason = {r.key: r for r in deep.reasons}["model.value_embeddings"]
-    assert reason.value == "alternate" and "token_features.md" in reason.rule
+    assert reason.value == "none" and "not measured" in reason.rule
     from budgetlm.config import RunConfig, apply_overrides, override_keys
 
+    # the tables are lookups: the size rules do not count them, so the same timings choose the same depth with them as without
+    two = {"n_layer": 2, "n_embd": 128, "n_head": 2, "vocab_size": 2048}
+    assert P.scaling_params(ModelConfig(**two, value_embeddings="all")) == P.scaling_params(ModelConfig(**two)) + 2 * 32 * 2
+    corpus = P.Corpus(tokens=3_226_145, vocab_size=8192)
+    for budget in ("90s", "5m", "20m", "steps:2000"):
+        on, off = (P.make_plan(budget, FakePlanner(vocab_cap=8192, corpus=corpus), fixed_model=f) for f in ({}, {"value_embeddings": "none"}))
+        assert on.model["n_layer"] == off.model["n_layer"] and on.params > off.params, budget
     sets = ["parallel.tp=2"]
     fixed, _ = P.user_fixed(apply_overrides(RunConfig(), sets), override_keys(RunConfig, sets))
     assert (fixed["value_embeddings"], fixed["smear"]) == ("none", False)
