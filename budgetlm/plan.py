@@ -91,6 +91,7 @@ DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "
 # smear, up to the depth where this project measured them; deeper models, whose tables would be a larger share of the
 # parameters (an 11 x 704 model at vocabulary 32768 would carry 138M in nanochat's every-other-block layout), go without
 TOKEN_FEATURES_MAX_DEPTH = 2
+TOKEN_FEATURES_OFF = {"value_embeddings": "none", "smear": False}
 ARCH_EVIDENCE = "measured best at equal wall clock (bench/results/defaults_ab.md)"
 TOKEN_FEATURES_EVIDENCE = "measured at depths 1-2, at equal steps and at equal wall clock (bench/results/token_features.md)"
 DEFAULT_OPTIMIZER = "muon"
@@ -218,7 +219,8 @@ def scaling_params(cfg: ModelConfig) -> int:
     to the count and 0.02 bits per byte at equal steps). Counted, they tipped the choice of depth: 5
     minutes on this project's Xeon planned 1 x 64 over 2 x 128 (predicted 12.000 against 12.016, with
     timings taken beside other work) and scored 2.129 bits per byte, where 2 x 128 had scored 2.017."""
-    return count_params(cfg).total - count_params(cfg).value_embeddings
+    count = count_params(cfg)
+    return count.total - count.value_embeddings
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -361,7 +363,7 @@ class Planner:
 
     def candidate_model(self, depth: int, fixed: dict, arch: dict) -> ModelConfig:
         if fixed.get("n_layer", depth) > TOKEN_FEATURES_MAX_DEPTH:
-            arch = {**arch, **{k: v for k, v in (("value_embeddings", "none"), ("smear", False)) if k in arch}}
+            arch = {**arch, **{k: v for k, v in TOKEN_FEATURES_OFF.items() if k in arch}}
         cfg = ModelConfig(**{**shape(depth), **arch, **fixed})
         cfg.vocab_size = fixed.get("vocab_size") or self.vocab_for(non_embedding_params(dataclasses.replace(cfg, vocab_size=1)))
         return cfg
@@ -507,8 +509,7 @@ def user_fixed(cfg: RunConfig, user_keys: set[str]) -> tuple[dict, dict]:
         model.update({k: v for k, v in shape(model["n_layer"]).items() if k not in model})
     if cfg.parallel.tp > 1 or cfg.parallel.pp > 1 or cfg.model.objective == "masked":
         # data parallelism only; and measured on causal models only
-        model.setdefault("value_embeddings", "none")
-        model.setdefault("smear", False)
+        model = {**TOKEN_FEATURES_OFF, **model}
     return model, train
 
 
@@ -651,8 +652,8 @@ def make_plan(
     if "optimizer" not in fixed_train:
         reasons.append(Reason("train.optimizer", optimizer, ARCH_EVIDENCE))
     for key in arch:
-        evidence = TOKEN_FEATURES_EVIDENCE if key in ("value_embeddings", "smear") else ARCH_EVIDENCE
-        if key in ("value_embeddings", "smear") and model.n_layer > TOKEN_FEATURES_MAX_DEPTH:
+        evidence = TOKEN_FEATURES_EVIDENCE if key in TOKEN_FEATURES_OFF else ARCH_EVIDENCE
+        if key in TOKEN_FEATURES_OFF and model.n_layer > TOKEN_FEATURES_MAX_DEPTH:
             evidence = f"off beyond depth {TOKEN_FEATURES_MAX_DEPTH}, where this project has not measured them (bench/results/token_features.md)"
         reasons.append(Reason(f"model.{key}", getattr(model, key), evidence))
     train = {**train, **fixed_train}
