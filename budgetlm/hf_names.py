@@ -28,13 +28,20 @@ _LAYER_NAMES = {
     # QK-norm: Qwen3's names (Llama has none; `check_llama_compatible` refuses qk_norm)
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
+    # value embeddings' gates: the exported modeling file's names (`budgetlm/export/modeling_qwen3_token_features.py`)
+    "attention.ve_gate.weight": "self_attn.ve_gate.weight",
 }
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "smear.gate.weight": "model.smear.gate.weight",
+    "smear.scale": "model.smear.scale",
 }
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+# a block's value embedding sits in its attention in the exported modeling file, at the model's top in budgetlm
+_VALUE_EMBEDDING_RE = re.compile(r"value_embeddings\.(\d+)\.weight")
+_HF_VALUE_EMBEDDING_RE = re.compile(r"model\.layers\.(\d+)\.self_attn\.value_embed\.weight")
 
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
@@ -48,6 +55,8 @@ def to_hf_name(name: str) -> str:
     """budgetlm parameter name -> HF Llama name (KeyError for a name with no counterpart)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
+    if m := _VALUE_EMBEDDING_RE.fullmatch(name):
+        return f"model.layers.{m.group(1)}.self_attn.value_embed.weight"
     m = _LAYER_RE.fullmatch(name)
     if m is None or m.group(2) not in _LAYER_NAMES:
         raise KeyError(f"no Hugging Face Llama name for parameter '{name}'")
@@ -59,6 +68,8 @@ def from_hf_name(name: str) -> str:
     inverse_top = {v: k for k, v in _TOP_NAMES.items()}
     if name in inverse_top:
         return inverse_top[name]
+    if m := _HF_VALUE_EMBEDDING_RE.fullmatch(name):
+        return f"value_embeddings.{m.group(1)}.weight"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
     if m is None or m.group(2) not in inverse_layer:

@@ -3,8 +3,9 @@
     HF_DIR/ config.json, model.safetensors (or model-0000x-of-0000y.safetensors + index), tokenizer.json
       -> RUN/ config.yaml, tokenizer.json, model.safetensors, env.json, import.json
 
-Accepted: `LlamaForCausalLM`, `MistralForCausalLM` without a sliding window and `Qwen3ForCausalLM`
-(QK-norm) whose options budgetlm's model has: RMSNorm, a SiLU- or GELU-gated MLP without biases,
+Accepted: `LlamaForCausalLM`, `MistralForCausalLM` without a sliding window, `Qwen3ForCausalLM`
+(QK-norm) and `Qwen3TokenFeaturesForCausalLM` (what `budgetlm export` writes for a model with value
+embeddings or the smear), whose options budgetlm's model has: RMSNorm, a SiLU- or GELU-gated MLP without biases,
 no attention biases, plain rotary positions (no scaling), head_dim = hidden_size / heads. Anything
 else is refused with one line naming the option. The weights are a rename (`budgetlm.hf_names`).
 The run's vocabulary is the tokenizer's: the embedding and output keep their rows up to budgetlm's
@@ -33,7 +34,8 @@ from budgetlm.files import write_json
 from budgetlm.hf_names import from_hf_name
 from budgetlm.run import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen3ForCausalLM": "qwen3",
+                 "Qwen3TokenFeaturesForCausalLM": "qwen3_token_features"}  # fmt: skip
 ACT_TO_MLP = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 
 
@@ -61,6 +63,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if bad:
             value = {"rope_type": rope_type, "head_dim": hf.get("head_dim")}.get(option, hf.get(option))
             raise UserError(f"cannot import {arch} with {option}={value!r} ({why})")
+    features = arch == "Qwen3TokenFeaturesForCausalLM"
     return ModelConfig(
         objective="causal",
         n_layer=hf["num_hidden_layers"],
@@ -75,9 +78,22 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM" or (features and bool(hf.get("qk_norm", True))),
         init_std=hf.get("initializer_range", 0.02),
+        value_embeddings=_value_embeddings(hf) if features else "none",
+        smear=features and bool(hf.get("smear")),
     )
+
+
+def _value_embeddings(hf: dict) -> str:
+    """model.value_embeddings for the blocks config.json lists: every one, every other one ending with the last, or none."""
+    from budgetlm.model import value_embedding_layers
+
+    layers = list(hf.get("value_embedding_layers") or [])
+    for choice in ("none", "all", "alternate"):
+        if value_embedding_layers(ModelConfig(n_layer=hf["num_hidden_layers"], value_embeddings=choice)) == layers:
+            return choice
+    raise UserError(f"cannot import value embeddings in blocks {layers}: budgetlm puts them in every block or every other one ending with the last")
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -112,7 +128,7 @@ def to_budgetlm_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         out.pop("output.weight", None)
         out["output.weight"] = out["tok_embeddings.weight"]
     padded = padded_vocab_size(cfg.vocab_size)
-    for name in ("tok_embeddings.weight", "output.weight"):
+    for name in ("tok_embeddings.weight", "output.weight", *(k for k in out if k.startswith("value_embeddings."))):
         w = out[name][:padded]  # rows past the tokenizer's ids (and budgetlm's padding) are not tokens
         if w.shape[0] < padded:  # budgetlm pads the vocabulary to a multiple of 64 with rows the sampler never draws
             w = torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])])

@@ -24,13 +24,15 @@ from budgetlm.run import load_run
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+FEATURES = {"value_embeddings": "all", "smear": True}
 WORDS = "the a good bad film movie great awful plot actor boring fun dull fine dog cat sat on mat".split()
 TEXTS = ["the film was good and the plot was fun", "a dog sat on the mat", "awful"]
 ATOL = 1e-5
 
 
 def make_run(path, objective="causal", seed=0, **model):
-    """A 2-layer, 64-wide run with random weights, its norm gains away from 1 so a mapping slip shows."""
+    """A 2-layer, 64-wide run with random weights, its norm gains away from 1 and its token features' gates
+    (zero at initialisation) live, so a mapping slip shows."""
     path.mkdir(parents=True, exist_ok=True)
     kind = "bpe" if objective == "causal" else "wordpiece"
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
@@ -41,9 +43,11 @@ def make_run(path, objective="causal", seed=0, **model):
     torch.manual_seed(seed)
     m = Transformer.build(cfg.model)
     with torch.no_grad():
-        for p in m.parameters():
+        for name, p in m.named_parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+            elif "gate" in name:
+                p.normal_(0, 0.5)
     save_config(cfg, path / "config.yaml")
     tok.save(path / "tokenizer.json")
     save_weights(path / "model.safetensors", m)
@@ -61,13 +65,17 @@ def _idx(run, n=40, seed=1):
         ({"tie_embeddings": False, "n_kv_head": 2}, "LlamaForCausalLM"),  # untied head, grouped-query attention
         ({"mlp": "geglu", "n_kv_head": 1}, "LlamaForCausalLM"),  # GELU-gated MLP: Llama's hidden_act=gelu
         ({"qk_norm": True, "tie_embeddings": False}, "Qwen3ForCausalLM"),  # QK-norm: Qwen3 has it, Llama does not
+        # the token features (the plan's small causal models): Qwen3 plus them, in the directory's modeling file
+        ({"qk_norm": True, "tie_embeddings": False, "n_kv_head": 2, **FEATURES}, "Qwen3TokenFeaturesForCausalLM"),
+        ({"value_embeddings": "alternate", "n_layer": 3}, "Qwen3TokenFeaturesForCausalLM"),  # no QK-norm, no smear
+        ({"smear": True}, "Qwen3TokenFeaturesForCausalLM"),
     ],
 )
 def test_causal_run_exports_with_equal_logits_and_greedy_tokens(tmp_path, model, arch):
     src = make_run(tmp_path / "run", **model)
     assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     run = load_run(src)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     assert type(hf).__name__ == arch
     idx = _idx(run)
     with torch.no_grad():
@@ -77,6 +85,36 @@ def test_causal_run_exports_with_equal_logits_and_greedy_tokens(tmp_path, model,
     ours = generate(run.model, prompt, 20, temperature=0, eos_id=run.tokenizer.eos_id)
     theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)
     assert theirs[0].tolist() == ours[0].tolist()
+
+
+def test_token_features_export_generates_left_padded_batches_and_beams_as_single_prompts(tmp_path):
+    """The smear reads the token before each one: generate() passes it per step, masked where the batch pads."""
+    export(make_run(tmp_path / "run", qk_norm=True, **FEATURES), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True, padding_side="left")
+    texts = ["the film was good and", "a dog"]
+    batch = hf.generate(**tok(texts, return_tensors="pt", padding=True), max_new_tokens=12, do_sample=False)
+    for row, text in zip(batch, texts):
+        single = hf.generate(**tok(text, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+        assert row[-12:].tolist() == single[0, -12:].tolist()
+    one = tok(texts[0], return_tensors="pt")
+    beams = hf.generate(**one, max_new_tokens=12, do_sample=False, num_beams=3)
+    assert beams.tolist() == hf.generate(**one, max_new_tokens=12, do_sample=False, num_beams=3, use_cache=False).tolist()
+
+
+@pytest.mark.parametrize("model", [{"qk_norm": True, **FEATURES}, {"value_embeddings": "alternate", "n_layer": 3}])
+def test_token_features_export_imports_back_to_the_same_model(tmp_path, model):
+    from budgetlm.importer import import_hf
+
+    src = make_run(tmp_path / "run", **model)
+    export(src, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    a, b = load_run(src), load_run(tmp_path / "back")
+    for key in ("qk_norm", "value_embeddings", "smear", "n_layer", "tie_embeddings"):
+        assert getattr(a.config.model, key) == getattr(b.config.model, key), key
+    back = b.model.state_dict()
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(back[name], tensor), name
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):
@@ -188,6 +226,8 @@ def _task_logits(model_dir, texts, task):
         ("masked", "regress", "full", "reg.jsonl", "EuroBertForSequenceClassification"),
         ("masked-qk-norm", "classify", "lora", "cls.csv", "EuroBertQKNormForSequenceClassification"),
         ("masked-qk-norm", "tag", "full", "pos.txt", "EuroBertQKNormForTokenClassification"),
+        ("causal-features", "classify", "full", "cls.csv", "Qwen3TokenFeaturesForSequenceClassification"),
+        ("causal-features", "tag", "lora", "pos.txt", "Qwen3TokenFeaturesForTokenClassification"),
     ],
 )
 def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, data, objective, task, method, file, arch):
@@ -207,9 +247,12 @@ def test_finetuned_classifier_exports_with_labels_and_equal_logits(tmp_path, dat
 
 
 def make_base(path, objective):
-    """A run to fine-tune: 'causal' (Llama), 'masked' (EuroBERT), 'masked-qk-norm' (the planner's masked default)."""
+    """A run to fine-tune: 'causal' (Llama), 'masked' (EuroBERT), 'masked-qk-norm' (the planner's masked default),
+    'causal-features' (the planner's small causal default: QK-norm, value embeddings and the smear)."""
     if objective == "masked-qk-norm":
         return make_run(path, objective="masked", qk_norm=True)
+    if objective == "causal-features":
+        return make_run(path, qk_norm=True, **FEATURES)
     return make_run(path, objective=objective, mlp="swiglu" if objective == "causal" else "geglu")
 
 
@@ -240,7 +283,7 @@ def test_causal_regression_head_is_refused(tmp_path, data, capsys):
 
 @pytest.mark.parametrize(
     "objective, head",
-    [("causal", ["score"]), ("masked", ["classifier", "dense"]), ("masked-qk-norm", ["classifier", "dense"])],  # EuroBERT: dense, classifier
+    [("causal", ["score"]), ("causal-features", ["score"]), ("masked", ["classifier", "dense"]), ("masked-qk-norm", ["classifier", "dense"])],
 )
 def test_lora_finetune_exports_unmerged_as_peft_adapter(tmp_path, data, objective, head):
     base = make_base(tmp_path / "run", objective)

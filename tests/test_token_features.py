@@ -94,14 +94,15 @@ def test_every_new_parameter_learns_in_its_optimizer_group():
         assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
 
 
-def test_exports_refuse_them_by_name():
+def test_exports_take_causal_models_with_them_and_refuse_the_rest_by_name():
+    """Hugging Face export carries them in a modeling file (tests/test_export_hf.py checks its logits); a masked
+    model with them and GGUF (llama.cpp has neither) are refused with the settings that make the model exportable."""
     from budgetlm.export.gguf import check_gguf_compatible
     from budgetlm.export.hf import hf_family
 
-    with pytest.raises(UserError, match="model.value_embeddings='all'"):
-        hf_family(ModelConfig(value_embeddings="all"))
+    assert hf_family(ModelConfig(value_embeddings="all")) == hf_family(ModelConfig(qk_norm=True, smear=True)) == "qwen3_token_features"
     with pytest.raises(UserError, match="model.smear=True.*--set model.value_embeddings=none --set model.smear=false"):
-        hf_family(ModelConfig(qk_norm=True, smear=True))
-    with pytest.raises(UserError, match="cannot export to GGUF: model.value_embeddings='alternate'"):
+        hf_family(ModelConfig(objective="masked", smear=True))
+    with pytest.raises(UserError, match="cannot export to GGUF: model.value_embeddings='alternate'.*--format hf"):
         check_gguf_compatible(ModelConfig(value_embeddings="alternate"), tokenizer=None)  # refused before the tokenizer is read
 

@@ -75,8 +75,8 @@ def export_command(args) -> int:
         print(f"exported {args.source} as {summary['architecture']} -> {summary['out']}")
         if summary.get("trust_remote_code"):
             print(
-                "  load it (and its tokenizer) with trust_remote_code=True: no transformers masked-LM family has QK-norm, "
-                "so its modeling file is in the directory"
+                f"  load it (and its tokenizer) with trust_remote_code=True: no transformers family holds this model, "
+                f"so the directory carries its modeling file, {summary['modeling_file']}"
             )
     return 0
 

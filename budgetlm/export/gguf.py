@@ -85,7 +85,7 @@ def check_gguf_compatible(cfg, tokenizer) -> None:
     }
     for option, bad in refusals.items():
         if bad:
-            hint = f"; {UNPLANNED}" if option in ("value_embeddings", "smear") else ""
+            hint = f"; {UNPLANNED}, or export --format hf, whose modeling file has them" if option in ("value_embeddings", "smear") else ""
             raise UserError(f"cannot export to GGUF: model.{option}={getattr(cfg, option)!r} (llama.cpp's llama and qwen3 do not have it{hint})")
     data = json.loads(tokenizer.to_str())
     byte_level = data.get("model", {}).get("type") == "BPE" and "ByteLevel" in json.dumps(data.get("pre_tokenizer"))

@@ -8,6 +8,9 @@ Which family takes a budgetlm model is decided by its options, never approximate
       ... with QK-norm                                   -> EuroBertQKNormForMaskedLM: EuroBERT plus Qwen3's QK-norm, in
                                                             a modeling file written into the directory (no masked-LM
                                                             family has QK-norm); load with trust_remote_code=True
+    causal with value embeddings or the smear            -> Qwen3TokenFeaturesForCausalLM: Qwen3 (QK-norm optional)
+                                                            plus the two token features, in a modeling file written
+                                                            into the directory; load with trust_remote_code=True
     masked, LayerNorm, embedding norm, no first-block    -> ModernBertForMaskedLM (`budgetlm.export.modernbert`)
       attention norm, prediction head, gated MLP
 
@@ -48,12 +51,24 @@ GATED_ACT = {"swiglu": "silu", "geglu": "gelu"}  # budgetlm mlp -> HF hidden_act
 # which family
 
 
-# the budget's plan turns both on (they train a better model in the same time); an exportable model trains without them
+# the budget's plan turns both on for causal models; a masked model (or a GGUF file) has no family with them
 UNPLANNED = "pretrain with --set model.value_embeddings=none --set model.smear=false to export"
 
 
+def _remote_module(family: str):
+    """The modeling file an exported directory of this family carries, or None for a family transformers has."""
+    if family == "qwen3_token_features":
+        from budgetlm.export import modeling_qwen3_token_features as remote
+    elif family == "eurobert_qk_norm":
+        from budgetlm.export import modeling_eurobert_qk_norm as remote
+    else:
+        return None
+    return remote
+
+
 def hf_family(cfg: ModelConfig) -> str:
-    """'llama', 'qwen3', 'eurobert' or 'modernbert' for a model config, or UserError naming the option no family has."""
+    """'llama', 'qwen3', 'qwen3_token_features', 'eurobert', 'eurobert_qk_norm' or 'modernbert' for a model config,
+    or UserError naming the option no family has."""
     if cfg.objective == "masked" and (cfg.norm == "layernorm" or cfg.embed_norm or cfg.mlm_head or not cfg.first_attention_norm):
         from budgetlm.export.modernbert import modernbert_refusal
 
@@ -70,23 +85,25 @@ def hf_family(cfg: ModelConfig) -> str:
         "mlp": (cfg.mlp not in GATED_ACT, "their MLP is gated (swiglu or geglu); plain gelu and relu2 have no Hugging Face counterpart"),
         "embed_norm": (cfg.embed_norm, "no Llama-layout family normalises the embeddings before the first block"),
         "logit_softcap": (cfg.logit_softcap > 0, "only Gemma 2 soft-caps the logits, and its blocks differ from budgetlm's"),
-        "value_embeddings": (cfg.value_embeddings != "none", f"no Hugging Face family adds a token embedding to the values; {UNPLANNED}"),
-        "smear": (cfg.smear, f"no Hugging Face family mixes the previous token's embedding into each token's; {UNPLANNED}"),
     }
+    if cfg.objective == "masked":  # the exported token-features file is Qwen3's causal model
+        refusals["value_embeddings"] = (cfg.value_embeddings != "none", f"the exported token features are causal models'; {UNPLANNED}")
+        refusals["smear"] = (cfg.smear, f"the exported token features are causal models'; {UNPLANNED}")
     for option, (bad, why) in refusals.items():
         if bad:
             raise UserError(f"cannot export to Hugging Face: model.{option}={getattr(cfg, option)!r} ({why})")
     if cfg.objective == "masked":
-        return "eurobert"
+        return "eurobert_qk_norm" if cfg.qk_norm else "eurobert"
+    if cfg.value_embeddings != "none" or cfg.smear:
+        return "qwen3_token_features"
     return "qwen3" if cfg.qk_norm else "llama"
 
 
 def hf_class_prefix(cfg: ModelConfig) -> str:
     """The family's class names start with this: `{prefix}ForMaskedLM`, `{prefix}ForSequenceClassification`, ..."""
-    family = hf_family(cfg)
-    if family == "eurobert" and cfg.qk_norm:
-        return "EuroBertQKNorm"
-    return {"llama": "Llama", "qwen3": "Qwen3", "eurobert": "EuroBert", "modernbert": "ModernBert"}[family]
+    prefixes = {"llama": "Llama", "qwen3": "Qwen3", "qwen3_token_features": "Qwen3TokenFeatures", "eurobert": "EuroBert",
+                "eurobert_qk_norm": "EuroBertQKNorm", "modernbert": "ModernBert"}  # fmt: skip
+    return prefixes[hf_family(cfg)]
 
 
 def hf_config(cfg: ModelConfig, tokenizer, **extra):
@@ -107,14 +124,19 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
         config = transformers.LlamaConfig(**kwargs, mlp_bias=False, **extra)
     elif family == "qwen3":
         config = transformers.Qwen3Config(**kwargs, use_sliding_window=False, **extra)
-    elif cfg.qk_norm:
-        from budgetlm.export import modeling_eurobert_qk_norm as remote
+    elif family == "qwen3_token_features":
+        from budgetlm.model import value_embedding_layers
 
-        config = remote.EuroBertQKNormConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
-        module = Path(remote.__file__).stem
-        config.auto_map = {auto: f"{module}.{name}" for auto, name in remote.AUTO_MAP.items()}
+        config = _remote_module(family).Qwen3TokenFeaturesConfig(
+            **kwargs, use_sliding_window=False, qk_norm=cfg.qk_norm, value_embedding_layers=value_embedding_layers(cfg), smear=cfg.smear, **extra
+        )  # fmt: skip
+    elif family == "eurobert_qk_norm":
+        config = _remote_module(family).EuroBertQKNormConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
     else:
         config = transformers.EuroBertConfig(**kwargs, mlp_bias=False, mask_token_id=tokenizer.mask_id, **extra)
+    if remote := _remote_module(family):
+        module = Path(remote.__file__).stem
+        config.auto_map = {auto: f"{module}.{name}" for auto, name in remote.AUTO_MAP.items()}
     config.dtype = "float32"
     return config
 
@@ -122,15 +144,16 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
 def save_hf_config(config, out: Path) -> None:
     """config.json, and the modeling file its `auto_map` names, if any: the directory must load on its own."""
     config.save_pretrained(str(out))
-    if getattr(config, "auto_map", None):
-        from budgetlm.export import modeling_eurobert_qk_norm as remote
-
-        shutil.copyfile(remote.__file__, out / Path(remote.__file__).name)
+    if auto_map := getattr(config, "auto_map", None):
+        module = next(iter(auto_map.values())).split(".")[0]
+        shutil.copyfile(Path(__file__).with_name(module + ".py"), out / f"{module}.py")
 
 
 def _remote_code(config) -> dict:
     """The summary's note that the directory's own modeling file must be trusted to load it."""
-    return {"trust_remote_code": True} if getattr(config, "auto_map", None) else {}
+    if auto_map := getattr(config, "auto_map", None):
+        return {"trust_remote_code": True, "modeling_file": next(iter(auto_map.values())).split(".")[0] + ".py"}
+    return {}
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -287,11 +310,11 @@ def _head(model, prefix: str, family: str, task: str, space, meta: dict) -> tupl
             raise UserError(f"cannot export: ModernBertForSequenceClassification pools the first token or the mean, not '{model.pooling}'")
         return {**extra, "classifier_pooling": pooling}, head, f"{prefix}ForSequenceClassification"
     if task == "tag":
-        name = "classifier" if family == "eurobert" else "score"
+        name = "classifier" if family.startswith("eurobert") else "score"
         head = {f"{name}.weight": W, f"{name}.bias": b if b is not None else torch.zeros(W.shape[0])}
         return extra, head, f"{prefix}ForTokenClassification"
     arch = f"{prefix}ForSequenceClassification"
-    if family == "eurobert":
+    if family.startswith("eurobert"):
         pooling = {"mean": "mean", "first": "bos"}.get(model.pooling)
         if pooling is None:
             raise UserError(f"cannot export: EuroBertForSequenceClassification pools the first token or the mean, not '{model.pooling}'")
