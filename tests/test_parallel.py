@@ -52,6 +52,9 @@ COMMON = [
     "train.warmup=0",
 ]
 TOL = 1e-4
+# Weights after 8 Muon steps: its Newton-Schulz iterations amplify the sums' rounding. Two layouts' consolidated
+# weights differed by 1.4e-4 on an AMD EPYC (torch 2.13, fp32; under 1e-4 on an Intel Xeon); a wrong state moves them by 1e-3.
+WEIGHT_TOL = 3e-4
 
 
 def _env() -> dict:
@@ -106,7 +109,7 @@ def assert_same_weights(run: Path, ref: Path) -> None:
     a, b = load_run(run).model.state_dict(), load_run(ref).model.state_dict()
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < TOL, worst
+    assert worst < WEIGHT_TOL, worst
 
 
 @pytest.fixture(scope="module")
