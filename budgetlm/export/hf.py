@@ -141,19 +141,23 @@ def hf_config(cfg: ModelConfig, tokenizer, **extra):
     return config
 
 
+def _modeling_file(config) -> str | None:
+    """The modeling file (one of this package's `modeling_*.py`) that the config's `auto_map` names, if any."""
+    if auto_map := getattr(config, "auto_map", None):
+        return next(iter(auto_map.values())).split(".")[0] + ".py"
+    return None
+
+
 def save_hf_config(config, out: Path) -> None:
     """config.json, and the modeling file its `auto_map` names, if any: the directory must load on its own."""
     config.save_pretrained(str(out))
-    if auto_map := getattr(config, "auto_map", None):
-        module = next(iter(auto_map.values())).split(".")[0]
-        shutil.copyfile(Path(__file__).with_name(module + ".py"), out / f"{module}.py")
+    if name := _modeling_file(config):
+        shutil.copyfile(Path(__file__).with_name(name), out / name)
 
 
 def _remote_code(config) -> dict:
     """The summary's note that the directory's own modeling file must be trusted to load it."""
-    if auto_map := getattr(config, "auto_map", None):
-        return {"trust_remote_code": True, "modeling_file": next(iter(auto_map.values())).split(".")[0] + ".py"}
-    return {}
+    return {"trust_remote_code": True, "modeling_file": name} if (name := _modeling_file(config)) else {}
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -357,7 +361,7 @@ def _export_peft(model, meta, family, config, head, arch, tokenizer, template, o
 
     Load with `config = AutoConfig.from_pretrained(out)` (labels, pooling, pad id), then
     `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out/'base', config=config), out)`;
-    add `trust_remote_code=True` to both `from_pretrained` calls of a masked QK-norm model (its modeling file)."""
+    add `trust_remote_code=True` to both `from_pretrained` calls where the directory carries a modeling file."""
     from budgetlm.run import load_run
 
     base_out = out / "base"
