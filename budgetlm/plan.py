@@ -15,10 +15,12 @@ Every rule, with its source, lands in the run's report and in `budgetlm plan`:
   approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; N counts every parameter,
   embeddings included, D tokens), which rank the depths the way this project measured them.
 - repeated data: where the training text is known, tokens beyond one pass over it and parameters
-  beyond its Chinchilla-optimal size count less, as Muennighoff et al. 2023 ("Scaling
+  beyond the size the text supports count less, as Muennighoff et al. 2023 ("Scaling
   Data-Constrained Language Models") fit (D and N replaced by their effective counts, decay
-  constants 15.4 and 5.3). A fast device and a small corpus otherwise choose a model that
-  memorises the text: on an H200 at 60 s on Shakespeare, 24.4M parameters for 14 passes.
+  constants 15.4 and 5.3). The supported size is the text's tokens over TEXT_TOKENS_PER_PARAM,
+  5 (measured here), not Chinchilla's 20, which rejected the better model at 90 s on a CPU. A
+  fast device and a small corpus otherwise choose a model that memorises the text: on an H200
+  at 60 s on Shakespeare, 24.4M parameters for 14 passes.
 - compile: a GPU always compiles, on the clock (seconds and speed-up measured on an H200); a CPU
   compiles where the speed-up pays for the compile time.
 - vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
@@ -67,6 +69,15 @@ CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock t
 # Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", eq. 5): a token seen again is worth
 # less, and so is a parameter beyond the data's compute-optimal size; each decays with its constant
 REPEAT_TOKENS_STAR, REPEAT_PARAMS_STAR = 15.4, 5.3
+# The size a text supports, from which Muennighoff et al.'s parameter discount starts: its tokens over this.
+# They take the compute-optimal size (Chinchilla's 20 tokens per parameter), which on one core of this
+# project's EPYC ranks every measured pair of depths wrong where the text is small: at 90 s, 2 x 128
+# (0.95M parameters counted, 1.5M tokens) scored 2.091 bits per byte on Shakespeare and 1.286 on Django's
+# docs against 2.170 and 1.428 for the planned 1 x 64 (5.4-5.7M tokens), yet 20 discounts its parameters
+# to half. At 5 the plan picks 2 x 128 there, still picks it over 3 x 192 at 5 minutes, where 3 x 192 scored
+# 0.12 worse, and picks 3 x 192 at 20 minutes on Shakespeare, which scored 1.774 against 1.832 for 2 x 128;
+# 2 to 5 rank every measured pair right, 7 and up miss the last (bench/results/plan_fit.md).
+TEXT_TOKENS_PER_PARAM = 5
 # Past some number of passes over the training text held-out loss rises, the sooner the more parameters
 # per token of text. This project's runs on 0.7 MB of Shakespeare (bench/results/data_limited.md) bottomed
 # at 17.5 passes with 0.8 parameters per token, 4.1 with 4.6 and 2.4 with 15.4 (then 0.8 bits/byte worse at
@@ -88,8 +99,9 @@ ASSUMED_GPU_MFU = 0.40  # for planning a GPU that is not here: public single-GPU
 # bench/results/token_features.md)
 DEFAULT_ARCH = {"mlp": "swiglu", "zero_init_residual": False, "qk_norm": True, "tie_embeddings": False, "value_embeddings": "all", "smear": True}
 # value embeddings (in every block: 2 x 128 scored better with one in each of its two blocks than in the last only) and the
-# smear, up to the depth where this project measured them; deeper models, whose tables would be a larger share of the
-# parameters (an 11 x 704 model at vocabulary 32768 would carry 138M in nanochat's every-other-block layout), go without
+# smear, up to the depth where they paid at equal wall clock. At depth 3 they gained 0.030 bits per byte at equal steps but
+# nothing at 20 minutes of wall clock (1.7728 with, 1.7737 without), so deeper models, whose tables would be a larger
+# share of the parameters (an 11 x 704 model at vocabulary 32768 would carry 138M in nanochat's layout), go without
 TOKEN_FEATURES_MAX_DEPTH = 2
 TOKEN_FEATURES_OFF = {"value_embeddings": "none", "smear": False}
 ARCH_EVIDENCE = "measured best at equal wall clock (bench/results/defaults_ab.md)"
@@ -258,10 +270,10 @@ def max_passes(params: float, unique_tokens: float) -> float:
 
 def predicted_loss(params: float, tokens: float, unique_tokens: float = 0) -> float:
     """Chinchilla's loss; with `unique_tokens` (the training text, when it is known) repeated tokens and
-    parameters beyond that text's Chinchilla-optimal size count as Muennighoff et al. 2023 find."""
+    parameters beyond the size that text supports count as Muennighoff et al. 2023 find."""
     if unique_tokens:
         tokens = effective(unique_tokens, tokens, REPEAT_TOKENS_STAR)
-        params = effective(unique_tokens / CHINCHILLA_TOKENS_PER_PARAM, params, REPEAT_PARAMS_STAR)
+        params = effective(unique_tokens / TEXT_TOKENS_PER_PARAM, params, REPEAT_PARAMS_STAR)
     return LOSS_E + LOSS_A / params**LOSS_ALPHA + LOSS_B / max(tokens, 1.0) ** LOSS_BETA
 
 
@@ -603,7 +615,8 @@ def make_plan(
     if unique:
         rule = (
             f"{tokens / unique:.1f} passes over the training text ({unique / 1e6:.3g}M tokens at this vocabulary): repeated tokens, "
-            "and parameters beyond the text's Chinchilla-optimal size, count less in the predicted loss (Muennighoff et al. 2023)"
+            f"and parameters beyond {TEXT_TOKENS_PER_PARAM} tokens of it per parameter, count less in the predicted loss "
+            "(Muennighoff et al. 2023; the ratio measured here)"
         )
         if data_limit:
             rule += (
@@ -654,7 +667,10 @@ def make_plan(
     for key in arch:
         evidence = TOKEN_FEATURES_EVIDENCE if key in TOKEN_FEATURES_OFF else ARCH_EVIDENCE
         if key in TOKEN_FEATURES_OFF and model.n_layer > TOKEN_FEATURES_MAX_DEPTH:
-            evidence = f"off beyond depth {TOKEN_FEATURES_MAX_DEPTH}, where this project has not measured them (bench/results/token_features.md)"
+            evidence = (
+                f"off beyond depth {TOKEN_FEATURES_MAX_DEPTH}: at depth 3 they gained nothing at equal wall clock "
+                "(bench/results/token_features.md)"
+            )
         reasons.append(Reason(f"model.{key}", getattr(model, key), evidence))
     train = {**train, **fixed_train}
 
