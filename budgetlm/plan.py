@@ -73,10 +73,10 @@ REPEAT_TOKENS_STAR, REPEAT_PARAMS_STAR = 15.4, 5.3
 # They take the compute-optimal size (Chinchilla's 20 tokens per parameter), which on one core of this
 # project's EPYC ranks every measured pair of depths wrong where the text is small: at 90 s, 2 x 128
 # (0.95M parameters counted, 1.5M tokens) scored 2.091 bits per byte on Shakespeare and 1.286 on Django's
-# docs against 2.170 and 1.428 for the planned 1 x 64 (5.4-5.7M tokens), yet 20 discounts its parameters
-# to half. At 5 the plan picks 2 x 128 there, still picks it over 3 x 192 at 5 minutes, where 3 x 192 scored
-# 0.12 worse, and picks 3 x 192 at 20 minutes on Shakespeare, which scored 1.774 against 1.832 for 2 x 128;
-# 2 to 5 rank every measured pair right, 7 and up miss the last (bench/results/plan_fit.md).
+# docs against 2.170 and 1.428 for the planned 1 x 64 (5.4-5.7M tokens), yet 20 counts its parameters as
+# 0.72M and 0.46M. At 5 the plan picks 2 x 128 there, still picks it over 3 x 192 at 5 minutes, where 3 x 192
+# scored 0.07 worse, and picks 3 x 192 at 20 minutes on Shakespeare, which scored 1.762-1.774 against 1.832
+# for 2 x 128; 2 to 5 rank every measured pair right, 7 and up miss the last (bench/results/plan_fit.md).
 TEXT_TOKENS_PER_PARAM = 5
 # Past some number of passes over the training text held-out loss rises, the sooner the more parameters
 # per token of text. This project's runs on 0.7 MB of Shakespeare (bench/results/data_limited.md) bottomed
