@@ -67,11 +67,11 @@ MIN_SEQ, MAX_SEQ = 256, 2048
 LOSS_E, LOSS_A, LOSS_B, LOSS_ALPHA, LOSS_BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 CHINCHILLA_TOKENS_PER_PARAM = 20  # for token and step budgets, where no clock trades size for speed
 # Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", eq. 5): a token seen again is worth
-# less, and so is a parameter beyond the data's compute-optimal size; each decays with its constant
+# less, and so is a parameter beyond the size the data supports (TEXT_TOKENS_PER_PARAM); each decays with its constant
 REPEAT_TOKENS_STAR, REPEAT_PARAMS_STAR = 15.4, 5.3
 # The size a text supports, from which Muennighoff et al.'s parameter discount starts: its tokens over this.
 # They take the compute-optimal size (Chinchilla's 20 tokens per parameter), which on one core of this
-# project's EPYC ranks every measured pair of depths wrong where the text is small: at 90 s, 2 x 128
+# project's EPYC chose the worse of two measured depths at 90 s on both corpora and at 20 minutes: at 90 s, 2 x 128
 # (0.95M parameters counted, 1.5M tokens) scored 2.091 bits per byte on Shakespeare and 1.286 on Django's
 # docs against 2.170 and 1.428 for the planned 1 x 64 (5.4-5.7M tokens), yet 20 counts its parameters as
 # 0.72M and 0.46M. At 5 the plan picks 2 x 128 there, still picks it over 3 x 192 at 5 minutes, where 3 x 192
