@@ -111,7 +111,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         if peak is not None:
             return peak, f"datasheet bf16 dense peak of {name}"
         return measure_matmul_flops(device, dtype, n=4096), f"measured {dtype} matmul on {name}"
+    from budgetlm.speed import matmul_peak  # speed imports this module
+
     key = f"{device}:{dtype}:{torch.get_num_threads()}"
     if key not in _CPU_PEAK:
-        _CPU_PEAK[key] = measure_matmul_flops(device, dtype)
+        _CPU_PEAK[key] = matmul_peak(device, dtype)[0]
     return _CPU_PEAK[key], f"measured {dtype} matmul on CPU ({torch.get_num_threads()} threads)"

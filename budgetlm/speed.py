@@ -44,6 +44,9 @@ WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) 
 TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
 MAX_TIMED_STEPS = 9  # steps disturbed by other work are retimed up to this many steps in all
 CLEAN_WAIT = 0.05  # a step is undisturbed when its threads waited for a CPU less than this share of its time
+PEAK_N = 1024  # the matmul whose FLOP/s stands for a CPU's peak (MFU's denominator)
+PEAK_BURSTS = 5  # timed bursts of that matmul; the fastest undisturbed one is kept
+PEAK_BURST_S = 0.1
 
 
 @dataclasses.dataclass
@@ -80,6 +83,11 @@ def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: st
         },
         sort_keys=True,
     )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    blob = json.dumps({"device": device_name(device), "torch": torch.__version__, "peak": str(dtype), "n": PEAK_N}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -122,6 +130,44 @@ def step_seconds(
     if use_cache and timing.clean:
         _write_cache(key, timing.seconds)
     return timing
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, use_cache: bool = True) -> tuple[float, bool]:
+    """(FLOP/s, undisturbed) of a PEAK_N-cubed matmul in `dtype` on this CPU: the practical peak that
+    MFU divides by. The fastest of a few short bursts, each timed like a step: a burst whose threads
+    waited for a CPU does not count where enough others did not, else its wait is taken off. Measured
+    plainly beside another program, the peak came out low enough for a plan to print an MFU of 140%
+    from an undisturbed (cached) step time. Cached per machine when undisturbed, like step timings."""
+    key = _peak_key(device, dtype)
+    if use_cache:
+        cached = _read_cache().get(key)
+        if isinstance(cached, (int, float)) and cached > 0:
+            return float(cached), True
+    a = torch.randn(PEAK_N, PEAK_N, device=device, dtype=dtype)
+    b = torch.randn(PEAK_N, PEAK_N, device=device, dtype=dtype)
+    for _ in range(2):  # warm up kernels and thread pools
+        a @ b
+    threads = torch.get_num_threads()
+    bursts: list[tuple[int, float, float]] = []  # (matmuls, wall seconds, seconds waited for a CPU)
+    for _ in range(3 * PEAK_BURSTS):
+        before, start, iters = cpu_wait_seconds(), time.perf_counter(), 0
+        while True:
+            a @ b
+            iters += 1
+            wall = time.perf_counter() - start
+            if wall >= PEAK_BURST_S and iters >= 2:
+                break
+        bursts.append((iters, wall, waited_between(before, cpu_wait_seconds())))
+        clean = [(n, w) for n, w, waited in bursts if waited / (w * threads) < CLEAN_WAIT]
+        if len(clean) >= PEAK_BURSTS:
+            break
+    flops = 2 * PEAK_N**3
+    if len(clean) >= PEAK_BURSTS:
+        peak = max(flops * n / w for n, w in clean)
+        if use_cache:
+            _write_cache(key, peak)
+        return peak, True
+    return max(flops * n / max(w - waited / threads, 0.1 * w) for n, w, waited in bursts), False
 
 
 def cpu_wait_seconds() -> dict[str, float] | None:

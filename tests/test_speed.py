@@ -58,19 +58,20 @@ CHILD = textwrap.dedent(
     """
     import json, os, sys, torch
     from budgetlm.config import ModelConfig
-    from budgetlm.speed import step_seconds
+    from budgetlm.speed import matmul_peak, step_seconds
     os.sched_setaffinity(0, {int(sys.argv[1])})
     torch.set_num_threads(1)
     cfg = ModelConfig(n_layer=2, n_embd=64, n_head=1, seq_len=128, vocab_size=512)
     t = step_seconds(cfg, 8, precision="fp32", optimizer="adamw", device=torch.device("cpu"))
-    print(json.dumps({"seconds": t.seconds, "waited": t.waited, "clean": t.clean}))
+    peak, peak_clean = matmul_peak(torch.device("cpu"), torch.float32)
+    print(json.dumps({"seconds": t.seconds, "waited": t.waited, "clean": t.clean, "peak": peak, "peak_clean": peak_clean}))
     """
 )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(cpu_wait_seconds() is None, reason="needs Linux's per-thread schedstat")
-def test_a_timing_made_beside_a_busy_program_is_corrected_and_not_cached(tmp_path):
+def test_timings_made_beside_a_busy_program_are_corrected_and_not_cached(tmp_path):
     cpu = max(os.sched_getaffinity(0))
     env = {**os.environ, "BUDGETLM_CACHE": str(tmp_path / "cache")}
 
@@ -86,11 +87,14 @@ def test_a_timing_made_beside_a_busy_program_is_corrected_and_not_cached(tmp_pat
         hog.kill()
         hog.wait()
     assert not busy["clean"] and busy["waited"] > 0.3  # it shared its core half the time
+    assert not busy["peak_clean"]
     assert not (tmp_path / "cache" / "speed.json").exists()
-    idle = next((t for t in (timed() for _ in range(3)) if t["clean"]), None)
+    idle = next((t for t in (timed() for _ in range(3)) if t["clean"] and t["peak_clean"]), None)
     if idle is None:
         pytest.skip("this machine stayed too busy to time an undisturbed step")
     assert idle["waited"] < CLEAN_WAIT
     assert json.loads((tmp_path / "cache" / "speed.json").read_text())  # an undisturbed timing is kept
     # the wait taken off, the busy timing is close to the idle one, where the wall clock said twice it
     assert 0.6 < busy["seconds"] / idle["seconds"] < 1.5
+    # and so is the matmul peak MFU divides by (measured plainly beside the busy program, it halved)
+    assert 0.6 < busy["peak"] / idle["peak"] < 1.5
