@@ -12,8 +12,9 @@ model much too small.
 
 Every rule, with its source, lands in the run's report and in `budgetlm plan`:
 - loss(N, D) = E + A / N^alpha + B / D^beta with Chinchilla's constants (Hoffmann et al. 2022,
-  approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; N counts every parameter,
-  embeddings included, D tokens), which rank the depths the way this project measured them.
+  approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28; D tokens), which rank the depths
+  the way this project measured them. N counts the parameters every token multiplies by, the head
+  included, but not the lookup tables (`scaling_params`), which are most of a model this small.
 - repeated data: where the training text is known, tokens beyond one pass over it and parameters
   beyond the size the text supports count less, as Muennighoff et al. 2023 ("Scaling
   Data-Constrained Language Models") fit (D and N replaced by their effective counts, decay
@@ -26,7 +27,7 @@ Every rule, with its source, lands in the run's report and in `budgetlm plan`:
 - vocabulary: Tao et al. 2024 ("Scaling Laws with Vocabulary") find the optimal vocabulary
   parameters grow as the non-vocabulary parameters to the power 0.83; with width growing as
   N_nv^(1/3) in this family that is V proportional to N_nv^0.5, anchored at this project's
-  measurement (`bench/results/quality.md`).
+  measurement (`bench/results/quality.md`), and at least 2048, which beat the rule's 1024 at depth 1.
 - batch and learning rate: the compute power laws of DeepSeek LLM (DeepSeek-AI 2024, section
   3.1: B_opt proportional to C^0.327, eta_opt to C^-0.125), with the constants refitted to this
   project's measured optimum at 90 seconds on a CPU; they land on GPT-2 small's 6e-4 at a GPU day.
@@ -84,9 +85,13 @@ TEXT_TOKENS_PER_PARAM = 5
 # 12.6 passes with 4.6): a least-squares power law through the three, PASSES_K x (tokens / parameters)^PASSES_EXP,
 # at most MAX_PASSES, where Muennighoff et al.'s repeated tokens are worth little (R* = 15.4).
 PASSES_K, PASSES_EXP, MAX_PASSES = 14.0, 0.68, 16.0
-# vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two
+# vocabulary: V = VOCAB_ANCHOR x sqrt(N_nv / VOCAB_ANCHOR_NNV), rounded to a power of two, at least MIN_VOCAB.
+# Below the anchor the rule undershoots: there a token's bytes matter more than its embedding's cost. On one
+# EPYC core 1 x 64 (N_nv 50K, where the rule says 1024) scored better at 2048 on both corpora, at 60 s 2.137
+# against 2.199 bits per byte on Shakespeare and 1.367 against 1.455 on Django's docs, at 90 s 1.327 against
+# 1.428 on Django's docs (bench/results/quality.md)
 VOCAB_ANCHOR, VOCAB_ANCHOR_NNV = 2048, 426_000
-MIN_VOCAB, MAX_VOCAB = 512, 65536
+MIN_VOCAB, MAX_VOCAB = 2048, 65536
 # batch tokens = BATCH_K x C^0.3271 and lr = LR_K x C^-0.125 (DeepSeek's exponents; C in FLOPs)
 BATCH_K, BATCH_EXP = 0.125, 0.3271
 LR_K, LR_EXP = 0.165, -0.125  # AdamW
@@ -226,13 +231,18 @@ def total_params(cfg: ModelConfig) -> int:
 
 
 def scaling_params(cfg: ModelConfig) -> int:
-    """The parameters the loss, pass and tokens-per-parameter rules count: all but the value-embedding
-    tables. Those are per-token lookups worth far less than block parameters (at 2 x 128 they add 56%
-    to the count and 0.02 bits per byte at equal steps). Counted, they tipped the choice of depth: 5
-    minutes on this project's Xeon planned 1 x 64 over 2 x 128 (predicted 12.000 against 12.016, with
-    timings taken beside other work) and scored 2.129 bits per byte, where 2 x 128 had scored 2.017."""
+    """The parameters the loss, pass and tokens-per-parameter rules count: all but the lookup tables, the
+    token embedding (where the head has its own matrix) and the value embeddings. A lookup reads one row
+    per token and is worth far less than a parameter every token multiplies by, as Kaplan et al. 2020
+    found in leaving embeddings out of their size law; the head, a matmul, counts (as in Chinchilla's).
+    At the sizes a CPU budget buys the tables are most of the model, and counted they chose the wrong
+    depth: the value embeddings add 56% to 2 x 128 and 0.02 bits per byte at equal steps, and tipped 5
+    minutes on this project's Xeon to 1 x 64 (2.129 bits per byte, where 2 x 128 scored 2.017); the
+    token embedding, once the vocabulary floor rose to 2048, tipped 90 s on this project's EPYC to 1 x 64
+    (1.327 on Django's docs, where 2 x 128 scored 1.286). Without both the measured depths rank as they
+    scored whatever the text's supported size from 2 to 7 tokens per parameter (bench/results/plan_fit.md)."""
     count = count_params(cfg)
-    return count.total - count.value_embeddings
+    return count.total - count.value_embeddings - (count.embedding if count.output else 0)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -609,6 +619,8 @@ def make_plan(
     if "vocab_size" not in fixed_model:
         raw = vocab_rule(non_embedding_params(model))
         rule = f"Tao et al. 2024: V grows as sqrt(non-embedding parameters), {VOCAB_ANCHOR} at {VOCAB_ANCHOR_NNV / 1e6:.2f}M (measured here)"
+        if raw == MIN_VOCAB and VOCAB_ANCHOR * math.sqrt(non_embedding_params(model) / VOCAB_ANCHOR_NNV) < MIN_VOCAB / math.sqrt(2):
+            rule += f"; at least {MIN_VOCAB}: smaller models scored better with it than with the rule's smaller one (measured here)"
         if planner.vocab_cap and model.vocab_size != raw:
             rule += f"; the rule says {raw}, the prepared data has {planner.vocab_cap}" + ("" if planner.vocab_derivable else " (not derivable)")
         reasons.append(Reason("model.vocab_size", model.vocab_size, rule))
