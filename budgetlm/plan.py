@@ -251,9 +251,13 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
 
 
+def sqrt_vocab(n_nv: int) -> int:
+    """Tao et al.'s square-root rule alone, anchored here, before the floor and the cap."""
+    return nearest_pow2(VOCAB_ANCHOR * math.sqrt(n_nv / VOCAB_ANCHOR_NNV))
+
+
 def vocab_rule(n_nv: int) -> int:
-    v = VOCAB_ANCHOR * math.sqrt(n_nv / VOCAB_ANCHOR_NNV)
-    return min(MAX_VOCAB, max(MIN_VOCAB, nearest_pow2(v)))
+    return min(MAX_VOCAB, max(MIN_VOCAB, sqrt_vocab(n_nv)))
 
 
 def batch_rule(compute: float, seq_len: int) -> int:
@@ -619,7 +623,7 @@ def make_plan(
     if "vocab_size" not in fixed_model:
         raw = vocab_rule(non_embedding_params(model))
         rule = f"Tao et al. 2024: V grows as sqrt(non-embedding parameters), {VOCAB_ANCHOR} at {VOCAB_ANCHOR_NNV / 1e6:.2f}M (measured here)"
-        if raw == MIN_VOCAB and VOCAB_ANCHOR * math.sqrt(non_embedding_params(model) / VOCAB_ANCHOR_NNV) < MIN_VOCAB / math.sqrt(2):
+        if sqrt_vocab(non_embedding_params(model)) < MIN_VOCAB:
             rule += f"; at least {MIN_VOCAB}: smaller models scored better with it than with the rule's smaller one (measured here)"
         if planner.vocab_cap and model.vocab_size != raw:
             rule += f"; the rule says {raw}, the prepared data has {planner.vocab_cap}" + ("" if planner.vocab_derivable else " (not derivable)")
