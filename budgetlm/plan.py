@@ -621,9 +621,10 @@ def make_plan(
         rule = f"the next power of two at or above the width, {MIN_SEQ}..{MAX_SEQ} (GPT-2 small 768 -> 1024; 256 measured better at width 128)"
         reasons.append(Reason("model.seq_len", model.seq_len, rule))
     if "vocab_size" not in fixed_model:
-        raw = vocab_rule(non_embedding_params(model))
+        n_nv = non_embedding_params(model)
+        raw = vocab_rule(n_nv)
         rule = f"Tao et al. 2024: V grows as sqrt(non-embedding parameters), {VOCAB_ANCHOR} at {VOCAB_ANCHOR_NNV / 1e6:.2f}M (measured here)"
-        if sqrt_vocab(non_embedding_params(model)) < MIN_VOCAB:
+        if sqrt_vocab(n_nv) < MIN_VOCAB:
             rule += f"; at least {MIN_VOCAB}: smaller models scored better with it than with the rule's smaller one (measured here)"
         if planner.vocab_cap and model.vocab_size != raw:
             rule += f"; the rule says {raw}, the prepared data has {planner.vocab_cap}" + ("" if planner.vocab_derivable else " (not derivable)")

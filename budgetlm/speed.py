@@ -69,8 +69,12 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> str:
-    blob = json.dumps(
+    return _hash(
         {
             "device": device_name(device),
             "torch": torch.__version__,
@@ -80,15 +84,12 @@ def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: st
             "micro": micro,
             "precision": precision,
             "optimizer": optimizer,
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _peak_key(device: torch.device, dtype: torch.dtype) -> str:
-    blob = json.dumps({"device": device_name(device), "torch": torch.__version__, "peak": str(dtype), "n": PEAK_N}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return _hash({"device": device_name(device), "torch": torch.__version__, "peak": str(dtype), "n": PEAK_N})
 
 
 def _read_cache() -> dict:
@@ -97,6 +98,11 @@ def _read_cache() -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _cached(key: str) -> float | None:
+    value = _read_cache().get(key)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _write_cache(key: str, seconds: float) -> None:
@@ -122,10 +128,8 @@ def step_seconds(
 
     Raises torch.OutOfMemoryError when it does not fit (the caller tries something smaller)."""
     key = _key(device, model_cfg, micro, precision, optimizer)
-    if use_cache:
-        cached = _read_cache().get(key)
-        if isinstance(cached, (int, float)) and cached > 0:
-            return Timing(float(cached), 0.0, True)
+    if use_cache and (cached := _cached(key)) is not None:
+        return Timing(cached, 0.0, True)
     timing = _measure(model_cfg, micro, precision, optimizer, device)
     if use_cache and timing.clean:
         _write_cache(key, timing.seconds)
@@ -139,10 +143,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, use_cache: bool = True
     plainly beside another program, the peak came out low enough for a plan to print an MFU of 140%
     from an undisturbed (cached) step time. Cached per machine when undisturbed, like step timings."""
     key = _peak_key(device, dtype)
-    if use_cache:
-        cached = _read_cache().get(key)
-        if isinstance(cached, (int, float)) and cached > 0:
-            return float(cached), True
+    if use_cache and (cached := _cached(key)) is not None:
+        return cached, True
     a = torch.randn(PEAK_N, PEAK_N, device=device, dtype=dtype)
     b = torch.randn(PEAK_N, PEAK_N, device=device, dtype=dtype)
     for _ in range(2):  # warm up kernels and thread pools
@@ -158,7 +160,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, use_cache: bool = True
             if wall >= PEAK_BURST_S and iters >= 2:
                 break
         bursts.append((iters, wall, waited_between(before, cpu_wait_seconds())))
-        clean = [(n, w) for n, w, waited in bursts if waited / (w * threads) < CLEAN_WAIT]
+        clean = [(n, w) for n, w, waited in bursts if wait_share(w, waited, threads) < CLEAN_WAIT]
         if len(clean) >= PEAK_BURSTS:
             break
     flops = 2 * PEAK_N**3
@@ -167,7 +169,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, use_cache: bool = True
         if use_cache:
             _write_cache(key, peak)
         return peak, True
-    return max(flops * n / max(w - waited / threads, 0.1 * w) for n, w, waited in bursts), False
+    return max(flops * n / without_wait(w, waited, threads) for n, w, waited in bursts), False
 
 
 def cpu_wait_seconds() -> dict[str, float] | None:
@@ -198,17 +200,27 @@ def waited_between(before: dict[str, float] | None, after: dict[str, float] | No
     return sum(max(0.0, after[tid] - before[tid]) for tid in before.keys() & after.keys())
 
 
+def wait_share(wall: float, waited: float, threads: int) -> float:
+    """The share of `threads` threads' time over `wall` seconds spent waiting for a CPU."""
+    return waited / (wall * threads)
+
+
+def without_wait(wall: float, waited: float, threads: int) -> float:
+    """`wall` with the wait spread over the threads taken off: exact for one thread, an estimate for several."""
+    return max(wall - waited / threads, 0.1 * wall)
+
+
 def summarise(steps: list[tuple[float, float]], threads: int, correct: bool = True) -> Timing:
     """One timing from timed steps' (wall seconds, seconds their threads waited for a CPU): the
     median undisturbed step where there are enough. Otherwise, with `correct`, the median step with
     its wait, spread over the threads, taken off: exact for one thread, an estimate for several
     (a worker's wait delays the step only where the others have to wait for it); without, the
     median step as it was (a GPU's step is paced by the GPU, so a host thread's wait costs it little)."""
-    shares = [wait / (wall * threads) for wall, wait in steps]
+    shares = [wait_share(wall, wait, threads) for wall, wait in steps]
     clean = [wall for (wall, _), share in zip(steps, shares) if share < CLEAN_WAIT]
     if len(clean) >= TIMED_STEPS:
         return Timing(statistics.median(clean), statistics.median(shares), True)
-    corrected = [max(wall - wait / threads, 0.1 * wall) if correct else wall for wall, wait in steps]
+    corrected = [without_wait(wall, wait, threads) if correct else wall for wall, wait in steps]
     return Timing(statistics.median(corrected), statistics.median(shares), False)
 
 
