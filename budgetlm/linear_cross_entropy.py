@@ -49,10 +49,10 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float, grad_mode: bool) -> torch.Tensor:
         N, V = h.size(0), weight.size(0)
         dtype = _compute_dtype(h.device.type, h.dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
             logits = hc @ wc.t()  # (N, V) in the compute dtype: one large, efficient matmul
@@ -110,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_out).to(ctx.h_dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(ctx.w_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
@@ -118,4 +118,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     IGNORE_INDEX, plus `z_loss` times the mean log(Z)^2 (as `budgetlm.model.lm_loss`).
 
     h (..., C) hidden states after the final norm; weight (V, C); targets (...) matching h's leading dims."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), float(z_loss))
+    # Grad mode is read here: inside `forward` it is always off, and `needs_input_grad` says only whether the
+    # inputs require grad, which the weights do under `torch.no_grad()` too. Evaluation would otherwise make
+    # the gradients as well: two more matmuls the size of the logits' and a pass over them, per batch.
+    grad_mode = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), float(z_loss), grad_mode)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import budgetlm.linear_cross_entropy as lce
 from budgetlm.config import ModelConfig
@@ -53,13 +54,17 @@ def test_bf16_autocast_matches_the_plain_way_within_bf16_rounding(small_chunks):
     torch.testing.assert_close(gw, rw, atol=2e-2 * rw.abs().max().item(), rtol=2e-2)
 
 
-def test_without_grad_only_the_loss_is_computed():
-    h, w = torch.randn(8, 4), torch.randn(16, 4)
-    targets = torch.randint(0, 16, (8,))
-    with torch.no_grad():
+@pytest.mark.parametrize("in_loop", [False, True], ids=["products-after-the-loop", "products-per-chunk"])
+def test_without_grad_only_the_loss_is_computed(small_chunks, monkeypatch, in_loop):
+    """Evaluation runs under no_grad with weights that require grad: one matmul (the logits), not three."""
+    monkeypatch.setattr(lce, "IN_LOOP_MIN_ROWS", 1 if in_loop else 1 << 30)
+    h, w = torch.randn(48, 8, requires_grad=True), torch.randn(64, 8, requires_grad=True)
+    targets = torch.randint(0, 64, (48,))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
         loss = lce.linear_cross_entropy(h, w, targets)
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets))
     assert not loss.requires_grad
+    assert flops.get_total_flops() == 2 * 48 * 8 * 64
 
 
 @pytest.mark.parametrize("objective, tie", [("causal", True), ("causal", False), ("masked", False)])
