@@ -501,12 +501,15 @@ def score_budgetlm(
     score = bits_per_byte(lambda x: run.model(x), ids, n_bytes, run.config.model.seq_len)
     m, tc = run.config.model, run.config.train
     own = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")) if (run_dir / "eval.json").exists() else {}
+    plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8")) if (run_dir / "plan.json").exists() else {}
     record = {
         "system": "budgetlm", "corpus": corpus, "budget_s": budget_s, "label": label,
         "config": {"sets": sets, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "vocab": tok.vocab_size, "seq_len": m.seq_len,
                    "batch_tokens": run.config.train.batch_tokens, "lr": run.config.train.lr, "schedule": run.config.train.schedule},
         "config_label": f"{m.n_layer}x{m.n_embd} h{m.n_head} V{tok.vocab_size} B{tc.batch_tokens} T{m.seq_len} lr{tc.lr:g}",
         "steps": summary.get("steps"), "tokens": summary.get("tokens"), "planned_tokens": summary.get("planned_tokens"),
+        "speed_vs_plan": summary.get("speed_vs_plan"), "speed_calibration": plan.get("speed_calibration"),
+        "calibration_runs": plan.get("calibration_runs"),
         "train_s": summary.get("elapsed_s"), "budget_used": summary.get("budget_used"), "compile": run.config.train.compile,
         "params": summary.get("params"), "pretrain_wall_s": pretrain_wall and round(pretrain_wall, 1), "prepare_s": prepare_s and round(prepare_s, 1),
         "heldout_bpb": round(score["bpb"], 5), "heldout": score, "score_s": round(time.time() - t2, 1), "own": own,
@@ -574,13 +577,16 @@ def report(results: Path = RESULTS, out: Path = REPORT) -> str:
                 )
             lines.append("")
         if bl:
-            lines += ["budgetlm (no sweep; tokens made over the tokens its plan expected, where it planned):", "",
+            lines += ["budgetlm (no sweep; tokens made over the tokens its plan expected, where it planned, with the factor it scaled its "
+                      "timing by, where earlier runs here had taught it one):", "",
                       "| label | chosen config | params | steps | tokens | vs plan | train s | own val bpb | held-out bpb | vs best HF |",
                       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
             for r in bl:
                 ratio = f"{r['heldout_bpb'] / hf[0]['heldout_bpb']:.3f}x" if hf and hf[0]["budget_used"] <= 1 + OVERRUN_OK else ""
                 params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else ""
                 vs_plan = f"{r['tokens'] / r['planned_tokens']:.2f}x" if r.get("planned_tokens") else ""
+                if r.get("calibration_runs"):  # the plan expected the timed speed times what earlier runs sustained over theirs
+                    vs_plan += f" (timed x{r['speed_calibration']:.2f})"
                 lines.append(
                     f"| {r['label']} | {r['config_label']} | {params} | {r['steps']} | {_fmt((r['tokens'] or 0) / 1e6, '.2f')}M | "
                     f"{vs_plan} | "

@@ -198,6 +198,10 @@ class Plan:
     reasons: list[Reason] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
     cpu_wait: float = 0  # > 0: other work disturbed the timings; their threads waited this share of the time for a CPU
+    speed_key: str = ""  # the chosen model's timing (`budgetlm.speed.timing_key`); "" where nothing was timed
+    speed_calibration: float = 1.0  # tokens_per_s is its timed speed times this: what runs here sustained over their timings
+    calibration_runs: int = 0  # how many runs that factor is the median ratio of
+    calibration_same_model: bool = False  # runs of this model (else of others on this device)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -596,8 +600,14 @@ def make_plan(
         micro = max(d for d in range(1, micro) if (batch // model.seq_len) % d == 0)
     accum = max(1, batch // model.seq_len // micro)
     tps, run_precision, speeds = best.tokens_per_s, (precision if precision != "auto" else "bf16"), {}
-    if planner.measured and budget.kind == "time":  # the chosen one at its real micro-batch
+    speed_key, calib = "", None
+    if planner.measured and budget.kind == "time":  # the chosen one at its real micro-batch, as fast as runs here went against their timings
+        from budgetlm.speed import calibration, timing_key
+
         tps, run_precision, speeds = planner.speed(model, micro, precision, optimizer)
+        speed_key = timing_key(model, micro, precision=run_precision, optimizer=optimizer, device=planner.device)
+        calib = calibration(planner.device, speed_key, planner.world_size)
+        tps *= calib.factor
     elif precision == "auto" and planner.device_type != "cuda":
         run_precision = "fp32"
     if precision == "auto":
@@ -716,6 +726,10 @@ def make_plan(
         data_tokens=unique,
         data_limit=data_limit,
         cpu_wait=round(planner.cpu_wait, 3),
+        speed_key=speed_key,
+        speed_calibration=calib.factor if calib else 1.0,
+        calibration_runs=calib.runs if calib else 0,
+        calibration_same_model=calib.same_model if calib else False,
         reasons=reasons,
         candidates=[
             {
@@ -802,6 +816,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"        with {', '.join(savers)}")
         if "layout" in plan.memory:
             lines.append(f"        does not fit one device: shard it with FSDP2 over {plan.memory['layout']['dp_shard']} devices (parallel.dp_shard)")
+    if plan.calibration_runs:
+        n, which = plan.calibration_runs, "this model" if plan.calibration_same_model else "other models"
+        runs = f"the last {n} run{'s' if n > 1 else ''} of {which} on this device"
+        lines.append(f"        the timed speed x {plan.speed_calibration:.2f}: the median of what {runs} sustained over its timing")
     if plan.cpu_wait:
         lines.append(f"note    {contention_note(plan.cpu_wait)}")
     lines += ["why:", *[f"  {r.key} = {r.value}: {r.rule}" for r in plan.reasons]]

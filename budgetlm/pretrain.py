@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from budgetlm import checkpoint as ckpt
-from budgetlm import continued
+from budgetlm import continued, speed
 from budgetlm.budget import Clock, hms, parse_budget
 from budgetlm.config import RunConfig, apply_overrides, config_overrides, load_recipe, override_keys, save_config, to_dict
 from budgetlm.data.dataset import PreparedData
@@ -345,6 +345,24 @@ def build_model(cfg: RunConfig, dims: ParallelDims, dist: DistInfo, precision: P
 
 
 @dataclass
+class SteadyRate:
+    """What this session's training steps sustained: every step but the first (which compiles and warms
+    up), evaluation and checkpointing left out, as the plan's timed speed counts them."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    wait_share: float = 0.0  # of the loop's threads' time spent waiting for a CPU (other work on the machine)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class Trainer:
     """One pretraining run's state, built by `setup` and driven by `fit` then `validate`."""
 
@@ -371,6 +389,8 @@ class Trainer:
     cost: dict = field(default_factory=lambda: {"eval": 0.0, "save": 0.0})  # seconds of the last evaluation / save
     loss_fn: Callable | None = None  # (model, (x, y)) -> loss; None: the language-modelling loss (distillation passes its own)
     seq_len: int = 0  # this step's training sequence length (train.seq_warmup); 0 until fit sets it
+    plan: Plan | None = None  # made for this run in this process (not on resume)
+    steady: SteadyRate = field(default_factory=SteadyRate)
 
     @property
     def device(self) -> torch.device:
@@ -483,6 +503,7 @@ def setup(
         metrics=MetricsLog(run_dir, enabled=dist.rank == 0, trackers=cfg.train.trackers, settings=to_dict(cfg)), peak=peak, peak_source=peak_source,
     )  # fmt: skip
     trainer.batches = DeviceBatches(trainer.next_batch, device)
+    trainer.plan = plan
 
     if resume:
         loop = trainer.restore()
@@ -597,7 +618,9 @@ def fit(t: Trainer) -> None:
     if t.par.compiled == "model+loss":
         loss_fn = torch.compile(loss_fn)  # compiles on the first step, on the clock
     sp = t.dims.tp if t.dims.tp_enabled and cfg.parallel.sequence_parallel else 1  # lengths must split over the TP ranks
+    first_step = state.step
     clock.start()
+    waits, fit_start = speed.cpu_wait_seconds(), time.monotonic()
     last_ckpt = time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
     try:
@@ -622,7 +645,9 @@ def fit(t: Trainer) -> None:
             state.step += 1
             state.tokens += step_tokens
             window_tokens += step_tokens
-            clock.step_done()
+            step_seconds = clock.step_done()
+            if state.step > first_step + 1:
+                t.steady.add(step_tokens, step_seconds)
 
             if state.step % cfg.train.log_every == 0 or state.step == 1:
                 if t.device.type == "cuda":
@@ -651,6 +676,9 @@ def fit(t: Trainer) -> None:
                 with clock.overhead():
                     t.timed("save", t.save)
                 last_ckpt = time.monotonic()
+        if t.device.type == "cpu":  # a GPU's steps are paced by the GPU: a host thread's wait costs them little
+            waited = speed.waited_between(waits, speed.cpu_wait_seconds())
+            t.steady.wait_share = speed.wait_share(max(time.monotonic() - fit_start, 1e-9), waited, torch.get_num_threads())
     except KeyboardInterrupt:
         t.save()
         print0(f"interrupted at step {state.step}; checkpoint saved, continue with: budgetlm pretrain --resume {t.run_dir}")
@@ -698,6 +726,11 @@ def validate(t: Trainer) -> dict:
     if plan and clock.budget.kind == "time":  # how well the planner predicted this device's speed
         summary["planned_tokens"] = round(plan["tokens"])
         summary["tokens_vs_plan"] = round(state.tokens / max(plan["tokens"], 1), 3)
+        if t.steady.seconds > 0:
+            summary["tokens_per_s"] = round(t.steady.tokens_per_s)
+            summary["speed_vs_plan"] = round(t.steady.tokens_per_s / plan["tokens_per_s"], 3)
+        if t.dist.rank == 0:
+            _teach_planner(t)
     if clock.max_tokens and state.tokens >= clock.max_tokens:  # ended by the token limit, before the deadline
         summary["data_limit"] = f"stopped at budget.max_tokens={clock.max_tokens:,}"
         if plan.get("data_limit") == clock.max_tokens:
@@ -724,6 +757,23 @@ def validate(t: Trainer) -> dict:
         + f" | report {t.run_dir / 'report.md'}"
     )
     return summary
+
+
+def _teach_planner(t: Trainer) -> None:
+    """Record what this run sustained over the speed its plan timed for its model, so that later plans
+    of it on this device expect what runs here make (`budgetlm.speed.calibration`). Only a plan made
+    for this run, from undisturbed timings, and a long enough run on an undisturbed machine say that."""
+    plan, steady = t.plan, t.steady
+    if plan is None or not plan.speed_key or plan.cpu_wait or t.state.extensions:
+        return
+    if steady.seconds < speed.RUN_MIN_SECONDS or steady.steps < speed.RUN_MIN_STEPS or steady.wait_share >= speed.CLEAN_WAIT:
+        return
+    timed = plan.tokens_per_s / plan.speed_calibration
+    ratio = speed.record_run_speed(t.device, t.dist.world_size, plan.speed_key, steady.tokens_per_s, timed)
+    if ratio is not None:
+        runs = speed.calibration(t.device, plan.speed_key, t.dist.world_size)
+        print0(f"sustained {steady.tokens_per_s:,.0f} tokens/s, {ratio:.2f}x the speed timed for the plan; plans of this model here now "
+               f"expect {runs.factor:.2f}x its timing (the median of {runs.runs} runs)")  # fmt: skip
 
 
 def _handle_nonfinite(t: Trainer, loss_val: float) -> None:

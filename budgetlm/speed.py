@@ -19,6 +19,17 @@ paced by the GPU, so its time is kept).
 Results are cached in `$BUDGETLM_CACHE/speed.json` (default `~/.cache/budgetlm`), keyed by the
 device (CPU model and thread count, or GPU name), the torch and budgetlm versions and the
 configuration, so the second run of a budget on the same machine plans in milliseconds.
+
+A timing is a snapshot of a few steps, and a whole run can go slower or faster than it: a loop
+does more per step than the timed step (data, logging, the clock), a compile gains more or less
+than the plan assumes, and some machines drift. On a shared host whose other tenants come and
+go, four back-to-back timings of one model gave 36.5K to 59.2K tokens/s, and a 60-second run
+planned from a fast moment's timing made 0.78x the tokens planned. So each run that planned its
+own model records what it sustained over what was timed for it (`record_run_speed`), and a plan
+on the same device expects the timed speed of its chosen model times the median of the last
+RUN_RATIOS_KEPT such ratios of that model, or of all models timed there when that one has none
+yet (`calibration`). The choice between candidates stays with the timings, which the plan's
+rules were fit to rank.
 """
 
 from __future__ import annotations
@@ -47,6 +58,9 @@ CLEAN_WAIT = 0.05  # a step is undisturbed when its threads waited for a CPU les
 PEAK_N = 1024  # the matmul whose FLOP/s stands for a CPU's peak (MFU's denominator)
 PEAK_BURSTS = 5  # timed bursts of that matmul; the fastest undisturbed one is kept
 PEAK_BURST_S = 0.1
+RUN_RATIOS_KEPT = 9  # per timed model, device and process count: the last runs' sustained over timed speed
+RUN_MIN_SECONDS, RUN_MIN_STEPS = 10.0, 20  # shorter runs say little about what a run sustains
+CALIBRATION_RANGE = (0.25, 4.0)  # a ratio outside this is a broken measurement, not a slow machine
 
 
 @dataclasses.dataclass
@@ -92,6 +106,10 @@ def _peak_key(device: torch.device, dtype: torch.dtype) -> str:
     return _hash({"device": device_name(device), "torch": torch.__version__, "peak": str(dtype), "n": PEAK_N})
 
 
+def _calibration_key(device: torch.device, processes: int) -> str:
+    return _hash({"device": device_name(device), "torch": torch.__version__, "budgetlm": __version__, "method": METHOD, "processes": processes})
+
+
 def _read_cache() -> dict:
     try:
         data = json.loads(cache_path().read_text(encoding="utf-8"))
@@ -105,9 +123,9 @@ def _cached(key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _write_cache(key: str, seconds: float) -> None:
+def _write_cache(key: str, value: float | dict) -> None:
     data = _read_cache()
-    data[key] = seconds
+    data[key] = value
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)
         write_json(cache_path(), data)
@@ -170,6 +188,48 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, use_cache: bool = True
             _write_cache(key, peak)
         return peak, True
     return max(flops * n / without_wait(w, waited, threads) for n, w, waited in bursts), False
+
+
+@dataclasses.dataclass
+class Calibration:
+    factor: float = 1.0  # expect the timed speed times this
+    runs: int = 0  # the runs it is the median ratio of (0: none yet, factor 1)
+    same_model: bool = False  # runs of the model asked about, not of others on this device
+
+
+def timing_key(model_cfg: ModelConfig, micro: int, *, precision: str, optimizer: str, device: torch.device) -> str:
+    """What a timing of this step is cached under (and its runs' speed ratios recorded by)."""
+    return _key(device, model_cfg, micro, precision, optimizer)
+
+
+def _ratios(device: torch.device, processes: int) -> dict[str, list[float]]:
+    kept = _read_cache().get(_calibration_key(device, processes))
+    lo, hi = CALIBRATION_RANGE
+    if not isinstance(kept, dict):
+        return {}
+    return {k: [float(r) for r in v if isinstance(r, (int, float)) and lo <= r <= hi] for k, v in kept.items() if isinstance(v, list)}
+
+
+def calibration(device: torch.device, key: str, processes: int = 1) -> Calibration:
+    """How fast runs of `processes` processes on this device went against their timings: the median
+    ratio of the model timed under `key`, else of every model timed here; factor 1 before any run."""
+    ratios = _ratios(device, processes)
+    own = ratios.get(key, [])
+    pooled = own or [r for rs in ratios.values() for r in rs]
+    return Calibration(statistics.median(pooled), len(pooled), bool(own)) if pooled else Calibration()
+
+
+def record_run_speed(device: torch.device, processes: int, key: str, sustained: float, timed: float) -> float | None:
+    """Record a finished run's sustained tokens/s over the uncalibrated tokens/s its plan timed for its
+    model (`key`: `timing_key`); returns the ratio, or None where it is outside CALIBRATION_RANGE."""
+    ratio = sustained / timed if timed > 0 else 0.0
+    lo, hi = CALIBRATION_RANGE
+    if not lo <= ratio <= hi:
+        return None
+    ratios = _ratios(device, processes)
+    ratios[key] = [*ratios.get(key, []), round(ratio, 4)][-RUN_RATIOS_KEPT:]
+    _write_cache(_calibration_key(device, processes), ratios)
+    return ratio
 
 
 def cpu_wait_seconds() -> dict[str, float] | None:

@@ -15,6 +15,16 @@ import pytest
 SAMPLE_DIR = Path(__file__).parent / "data" / "shakespeare"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Tests neither read nor write the user's cache: timings and speed calibration recorded by real runs
+    there would change what the tests' plans choose (tests that look at the cache set their own)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BUDGETLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def sample_text_dir(tmp_path_factory) -> Path:
     """A private copy of the sample corpus (tests may add files to it without affecting others)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from budgetlm import plan as P
+from budgetlm import speed
 from budgetlm.cli import main
 from budgetlm.config import BudgetConfig, ModelConfig
 from budgetlm.continued import init_from_config
@@ -279,8 +280,10 @@ def test_a_run_whose_text_runs_out_before_the_deadline_stops_there(prepared_bpe,
     assert ext["multiplier"] < 0.2
 
 
-def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp_path, monkeypatch):
+def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("budgetlm.speed.CLEAN_WAIT", 1.0)  # timings and the run count as undisturbed however busy the machine
+    monkeypatch.setattr("budgetlm.speed.RUN_MIN_SECONDS", 1.0)  # a 6 s run teaches the planner
     cfg = resolve_config(None, "6s", ["train.eval_every=0", "train.eval_tokens=1024"], str(prepared_bpe))
     run = tmp_path / "run"
     summary = pretrain(cfg, run)
@@ -288,6 +291,16 @@ def test_pretrain_without_model_keys_plans_derives_and_records(prepared_bpe, tmp
     saved = load_run(run).config
     assert saved.model.n_layer == plan["model"]["n_layer"] and saved.train.lr == plan["train"]["lr"]
     assert summary["steps"] > 0 and "Why this model" in (run / "report.md").read_text()
+    # the run recorded what it sustained over its plan's timing, and the next plan of that model here expects it
+    assert plan["calibration_runs"] == 0 and summary["tokens_per_s"] > 0
+    assert summary["speed_vs_plan"] == pytest.approx(summary["tokens_per_s"] / plan["tokens_per_s"], rel=1e-2)
+    calib = speed.calibration(torch.device("cpu"), plan["speed_key"])
+    assert calib.runs == 1 and calib.same_model and calib.factor == pytest.approx(summary["speed_vs_plan"], rel=1e-2)
+    capsys.readouterr()
+    assert main(["plan", "--budget", "6s", "--device", "cpu", "--data", str(prepared_bpe), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["speed_key"] == plan["speed_key"] and again["calibration_runs"] == 1 and again["speed_calibration"] == calib.factor
+    assert again["tokens_per_s"] == pytest.approx(calib.factor * plan["tokens_per_s"], rel=1e-6)  # the cached timing, calibrated
     # a user-set smaller vocabulary is cut from the prepared one, and the run records the derived data
     keys = ["model.vocab_size=300", "model.n_layer=1", "train.eval_every=0", "train.eval_tokens=1024"]
     cfg = resolve_config(None, "steps:3", keys, str(prepared_bpe))

@@ -54,6 +54,32 @@ def test_a_plan_from_disturbed_timings_says_so(monkeypatch, capsys):
     assert "other work" not in P.format_plan(P.make_plan("5m", P.Planner(torch.device("cpu"), memory=8e9)))
 
 
+def test_runs_calibrate_later_plans_of_their_model_by_the_median_of_their_last_ratios(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    assert speed.calibration(cpu, "a") == speed.Calibration(1.0, 0, False)  # before any run
+    for ratio in (0.9, 0.5, 0.8):
+        assert speed.record_run_speed(cpu, 1, "a", ratio * 1000, 1000) == pytest.approx(ratio)
+    assert speed.calibration(cpu, "a") == speed.Calibration(pytest.approx(0.8), 3, True)
+    assert speed.record_run_speed(cpu, 1, "a", 50, 1000) is None  # 0.05x: a broken measurement, not kept
+    assert speed.calibration(cpu, "a", processes=2).runs == 0  # two processes run at their own pace
+    for _ in range(speed.RUN_RATIOS_KEPT):
+        speed.record_run_speed(cpu, 1, "b", 1200, 1000)
+    assert speed.calibration(cpu, "b") == speed.Calibration(pytest.approx(1.2), speed.RUN_RATIOS_KEPT, True)  # the oldest forgotten
+    # a model never run here: every model's ratios, pooled
+    assert speed.calibration(cpu, "c") == speed.Calibration(pytest.approx(1.2), 3 + speed.RUN_RATIOS_KEPT, False)
+
+    monkeypatch.setattr(speed, "step_seconds", lambda cfg, micro, **kw: Timing(0.002 * cfg.n_layer * micro, 0.0, True))
+    plain = P.make_plan("5m", P.Planner(cpu, memory=8e9), fixed_train={"precision": "fp32"})
+    for _ in range(speed.RUN_RATIOS_KEPT):
+        speed.record_run_speed(cpu, 1, plain.speed_key, 500, 1000)
+    scaled = P.make_plan("5m", P.Planner(cpu, memory=8e9), fixed_train={"precision": "fp32"})
+    assert scaled.model == plain.model and scaled.candidates == plain.candidates  # the choice stays with the timings
+    assert scaled.speed_calibration == pytest.approx(0.5) and scaled.tokens_per_s == pytest.approx(0.5 * plain.tokens_per_s / plain.speed_calibration)
+    assert scaled.tokens == pytest.approx(0.5 * plain.tokens / plain.speed_calibration, rel=1e-6)
+    assert "the timed speed x 0.50: the median of what the last 9 runs of this model on this device sustained" in P.format_plan(scaled)
+
+
 CHILD = textwrap.dedent(
     """
     import json, os, sys, torch
