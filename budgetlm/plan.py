@@ -727,7 +727,7 @@ def make_plan(
         data_limit=data_limit,
         cpu_wait=round(planner.cpu_wait, 3),
         speed_key=speed_key,
-        speed_calibration=calib.factor if calib else 1.0,
+        speed_calibration=round(calib.factor, 4) if calib else 1.0,
         calibration_runs=calib.runs if calib else 0,
         calibration_same_model=calib.same_model if calib else False,
         reasons=reasons,
@@ -817,8 +817,8 @@ def format_plan(plan: Plan) -> str:
         if "layout" in plan.memory:
             lines.append(f"        does not fit one device: shard it with FSDP2 over {plan.memory['layout']['dp_shard']} devices (parallel.dp_shard)")
     if plan.calibration_runs:
-        n, which = plan.calibration_runs, "this model" if plan.calibration_same_model else "other models"
-        runs = f"the last {n} run{'s' if n > 1 else ''} of {which} on this device"
+        n, which = plan.calibration_runs, "this model" if plan.calibration_same_model else "any model"
+        runs = f"the last {n} runs of {which} on this device" if n > 1 else f"the last run of {which} on this device"
         lines.append(f"        the timed speed x {plan.speed_calibration:.2f}: the median of what {runs} sustained over its timing")
     if plan.cpu_wait:
         lines.append(f"note    {contention_note(plan.cpu_wait)}")

@@ -764,8 +764,8 @@ def _teach_planner(t: Trainer) -> None:
     of it on this device expect what runs here make (`budgetlm.speed.calibration`). Only a plan made
     for this run, from undisturbed timings, and a long enough run on an undisturbed machine say that."""
     plan, steady = t.plan, t.steady
-    if plan is None or not plan.speed_key or plan.cpu_wait or t.state.extensions:
-        return
+    if plan is None or not plan.speed_key or plan.cpu_wait or t.state.extensions or t.micro != plan.micro_batch:
+        return  # not planned here, timed beside other work, extended, or stepping another micro-batch than was timed
     if steady.seconds < speed.RUN_MIN_SECONDS or steady.steps < speed.RUN_MIN_STEPS or steady.wait_share >= speed.CLEAN_WAIT:
         return
     timed = plan.tokens_per_s / plan.speed_calibration
