@@ -50,7 +50,7 @@ from budgetlm.files import write_json
 from budgetlm.hardware import cpu_name
 
 CACHE_FILE = "speed.json"
-METHOD = 7  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
+METHOD = 8  # part of the cache key: a change in how steps are timed, or in what a step costs, invalidates old timings
 WARMUP_STEPS = 2  # oneDNN creates its kernels (and autocast its weight copies) on the first steps
 TIMED_STEPS = 3  # the median is kept: what a long run sustains, noise included
 MAX_TIMED_STEPS = 9  # steps disturbed by other work are retimed up to this many steps in all

@@ -19,10 +19,12 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 64 * 16)  # 16 rows of a 64-entry vocabulary per chunk
 
 
+@pytest.mark.parametrize("exp2", [False, True], ids=["exp", "exp2"])
 @pytest.mark.parametrize("in_loop", [False, True], ids=["products-after-the-loop", "products-per-chunk"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_loss_and_gradients_equal_the_plain_way_across_chunks(small_chunks, monkeypatch, z_loss, in_loop):
+def test_loss_and_gradients_equal_the_plain_way_across_chunks(small_chunks, monkeypatch, z_loss, in_loop, exp2):
     monkeypatch.setattr(lce, "IN_LOOP_MIN_ROWS", 1 if in_loop else 1 << 30)
+    monkeypatch.setattr(lce, "exp2_is_faster", lambda: exp2)
     torch.manual_seed(0)
     h = torch.randn(50, 24, requires_grad=True)  # 50 rows: three whole chunks and a partial one
     w = torch.randn(64, 24, requires_grad=True)
