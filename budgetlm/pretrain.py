@@ -773,7 +773,7 @@ def _teach_planner(t: Trainer) -> None:
     if ratio is not None:
         runs = speed.calibration(t.device, plan.speed_key, t.dist.world_size)
         print0(f"sustained {steady.tokens_per_s:,.0f} tokens/s, {ratio:.2f}x the speed timed for the plan; plans of this model here now "
-               f"expect {runs.factor:.2f}x its timing (the median of {runs.runs} runs)")  # fmt: skip
+               f"expect {runs.factor:.2f}x its timing ({f'the median of {runs.runs} runs' if runs.runs > 1 else 'one run'})")  # fmt: skip
 
 
 def _handle_nonfinite(t: Trainer, loss_val: float) -> None:

@@ -164,7 +164,9 @@ def test_depths_measured_on_a_cpu_core_rank_as_they_scored(monkeypatch):
     # 1.286 on Django's docs); 2 x 128 beat 3 x 192 at 5 minutes (1.915 against 1.985 on Shakespeare) and
     # lost to it at 20 minutes (1.832 against 1.762-1.774). With the text's supported size at Chinchilla's
     # 20 tokens per parameter the plan chose 1 x 64 at 90 s on both and 2 x 128 at 20 minutes; counting
-    # the token embedding in the size, 1 x 64 at 90 s.
+    # the token embedding in the size, 1 x 64 at 90 s. At 60 s on Shakespeare the two depths sit at the plan's
+    # crossover: depth 1 timed afresh at f01dd21 (60,746 tokens/s, 18,642 at depth 2) tips it to 2 x 128, which
+    # scored 2.143-2.166 there (bench/results/quality_notes.md, seventh sitting).
     monkeypatch.setattr(P, "have_cpp_compiler", lambda: True)
     shakespeare, django_docs = 3_137_125, 1_415_115  # training tokens, prepared at vocabulary 8192
     for train_tokens, budget, depth in (
