@@ -87,7 +87,8 @@ def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _key(device: torch.device, model_cfg: ModelConfig, micro: int, precision: str, optimizer: str) -> str:
+def timing_key(model_cfg: ModelConfig, micro: int, *, precision: str, optimizer: str, device: torch.device) -> str:
+    """What a timing of this step is cached under (and its runs' speed ratios recorded by)."""
     return _hash(
         {
             "device": device_name(device),
@@ -145,7 +146,7 @@ def step_seconds(
     """The time of one optimizer step of `model_cfg` on `micro` sequences (no accumulation).
 
     Raises torch.OutOfMemoryError when it does not fit (the caller tries something smaller)."""
-    key = _key(device, model_cfg, micro, precision, optimizer)
+    key = timing_key(model_cfg, micro, precision=precision, optimizer=optimizer, device=device)
     if use_cache and (cached := _cached(key)) is not None:
         return Timing(cached, 0.0, True)
     timing = _measure(model_cfg, micro, precision, optimizer, device)
@@ -195,11 +196,6 @@ class Calibration:
     factor: float = 1.0  # expect the timed speed times this
     runs: int = 0  # the runs it is the median ratio of (0: none yet, factor 1)
     same_model: bool = False  # runs of the model asked about, not of others on this device
-
-
-def timing_key(model_cfg: ModelConfig, micro: int, *, precision: str, optimizer: str, device: torch.device) -> str:
-    """What a timing of this step is cached under (and its runs' speed ratios recorded by)."""
-    return _key(device, model_cfg, micro, precision, optimizer)
 
 
 def _ratios(device: torch.device, processes: int) -> dict[str, list[float]]:
